@@ -1,0 +1,3 @@
+from actvpipe.cli import main
+
+main()

@@ -1,0 +1,134 @@
+"""Activation capture: which modules to hook per architecture, and hooks that turn a forward into rows."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchdata.nodes import BaseNode
+
+from actvpipe.text import ContextBlock
+
+# model_type -> (module whose input is the row's mlp_in, the MLP whose output is mlp_out), relative to
+# model.base_model, with {i} the layer index.
+CAPTURE_MODULES: dict[str, tuple[str, str]] = {
+    "gpt2": ("h.{i}.ln_2", "h.{i}.mlp"),
+    "gpt_neox": ("layers.{i}.post_attention_layernorm", "layers.{i}.mlp"),
+    "llama": ("layers.{i}.post_attention_layernorm", "layers.{i}.mlp"),
+    "mistral": ("layers.{i}.post_attention_layernorm", "layers.{i}.mlp"),
+    "qwen2": ("layers.{i}.post_attention_layernorm", "layers.{i}.mlp"),
+    "gemma": ("layers.{i}.post_attention_layernorm", "layers.{i}.mlp"),
+}
+
+
+def capture_modules(model_type: str) -> tuple[str, str]:
+    """The (mlp_in, mlp_out) module templates for ``model_type``, or a clear error."""
+    try:
+        return CAPTURE_MODULES[model_type]
+    except KeyError:
+        raise ValueError(
+            f"model: architecture {model_type!r} is not supported yet; supported: {sorted(CAPTURE_MODULES)}"
+        ) from None
+
+
+@dataclass
+class RowBlock:
+    """Rows ``[n, 2, n_layers, d_model]`` with where each came from: context ``seq``, position ``pos``."""
+
+    rows: torch.Tensor
+    seq: np.ndarray
+    pos: np.ndarray
+    token_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class _StopForward(Exception):
+    """Raised by the last capture hook so the forward skips later blocks and the LM head."""
+
+
+class ActivationCapture:
+    """Pure capture: hooks on one model that write a forward's rows into a preallocated staging tensor."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[int], first_pos: int):
+        self.model = model
+        self.layers = list(layers)
+        self.first_pos = first_pos
+        in_tpl, out_tpl = capture_modules(model.config.model_type)
+        base = model.base_model
+        self._handles = []
+        for j, layer in enumerate(self.layers):
+            mlp_in = base.get_submodule(in_tpl.format(i=layer))
+            mlp_out = base.get_submodule(out_tpl.format(i=layer))
+            self._handles.append(mlp_in.register_forward_pre_hook(self._saver(0, j, stop=False)))
+            last = j == len(self.layers) - 1
+            self._handles.append(mlp_out.register_forward_hook(self._saver(1, j, stop=last)))
+        self._stage: torch.Tensor | None = None
+
+    def _saver(self, side: int, j: int, stop: bool):
+        def save(x: torch.Tensor) -> None:
+            self._stage[:, :, side, j, :] = x[:, self.first_pos :, :]
+            if stop:
+                raise _StopForward
+
+        if side == 0:
+            return lambda module, args: save(args[0])
+        return lambda module, args, output: save(output)
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rows ``[batch * (ctx - first_pos), 2, n_layers, d_model]`` for contexts ``tokens [batch, ctx]``.
+
+        The result is a view of a staging tensor reused by the next call: copy it out first.
+        """
+        batch, ctx = tokens.shape
+        d_model = self.model.config.get_text_config().hidden_size
+        shape = (batch, ctx - self.first_pos, 2, len(self.layers), d_model)
+        dtype = next(self.model.parameters()).dtype
+        if self._stage is None or self._stage.shape != shape:
+            self._stage = torch.empty(shape, dtype=dtype, device=tokens.device)
+        with contextlib.suppress(_StopForward):
+            self.model(input_ids=tokens, use_cache=False)
+        return self._stage.view(-1, 2, len(self.layers), d_model)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+class CaptureNode(BaseNode[RowBlock]):
+    """Runs the model over each block of contexts and yields its rows with their provenance."""
+
+    def __init__(self, contexts: BaseNode[ContextBlock], capture: ActivationCapture, out_dtype: torch.dtype):
+        super().__init__()
+        self.contexts = contexts
+        self.capture = capture
+        self.out_dtype = out_dtype
+        self.device = next(capture.model.parameters()).device
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        self.contexts.reset(initial_state)
+
+    def next(self) -> RowBlock:
+        block = next(self.contexts)
+        tokens = torch.from_numpy(block.tokens).to(self.device)
+        rows = self.capture(tokens).to("cpu", self.out_dtype)
+        return RowBlock(rows, *row_provenance(block, self.capture.first_pos))
+
+    def get_state(self) -> dict[str, Any]:
+        return self.contexts.state_dict()
+
+
+def row_provenance(block: ContextBlock, first_pos: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(seq, pos, token id) of each row of ``block``, in the order the capture emits them."""
+    n, ctx = block.tokens.shape
+    seq = np.repeat(np.arange(block.first_seq, block.first_seq + n, dtype=np.int64), ctx - first_pos)
+    pos = np.tile(np.arange(first_pos, ctx, dtype=np.int64), n)
+    return seq, pos, block.tokens[:, first_pos:].reshape(-1)

@@ -1,0 +1,162 @@
+"""Where the text comes from: resolve a user's ``dataset`` argument and read its documents in blocks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
+OFFLINE_HINT = (
+    "Without network access pass a local json/jsonl/txt/parquet file or directory, a datasets.Dataset, "
+    "a list of strings, or use actvpipe.demo_stream() (bundled corpus)"
+)
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """A picklable description of the text source, opened again in the generator process."""
+
+    kind: str  # "hub" | "files" | "object"
+    value: Any  # hub id | (builder, paths) | datasets.Dataset / IterableDataset / list of str
+    text_column: str
+
+    def describe(self) -> str:
+        if self.kind == "hub":
+            return str(self.value)
+        if self.kind == "files":
+            return ",".join(self.value[1])
+        return f"<{type(self.value).__name__}>"
+
+
+def resolve_dataset(dataset: Any, text_column: str = "text") -> DatasetSource:
+    """Check ``dataset`` before any work starts: it exists, is readable and has the text column."""
+    if isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
+        source = DatasetSource("object", dataset, text_column)
+    elif isinstance(dataset, (str, os.PathLike)):
+        source = _resolve_path_or_hub(os.fspath(dataset), text_column)
+    elif isinstance(dataset, Iterable) and not isinstance(dataset, (bytes, dict)):
+        if iter(dataset) is dataset:
+            raise TypeError(
+                "dataset: a one-shot iterator cannot be sent to the generator process; "
+                "pass a list of strings, a datasets.Dataset or a file path instead"
+            )
+        source = DatasetSource("object", list(dataset), text_column)
+    else:
+        raise TypeError(
+            f"dataset: expected a hub id, a path, a datasets.Dataset/IterableDataset or an iterable of "
+            f"strings, got {type(dataset).__name__}"
+        )
+    _check_first_document(source)
+    return source
+
+
+def _resolve_path_or_hub(name: str, text_column: str) -> DatasetSource:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*") if p.suffix in BUILDERS and p.is_file())
+        if not files:
+            raise FileNotFoundError(
+                f"dataset: directory {name!r} holds no {'/'.join(BUILDERS)} files; "
+                "point to a directory of such files"
+            )
+    elif path.is_file():
+        files = [str(path)]
+    elif _looks_like_path(name):
+        raise FileNotFoundError(f"dataset: no such file or directory {name!r}; check the path")
+    else:
+        return DatasetSource("hub", name, text_column)
+    builders = {BUILDERS.get(Path(f).suffix) for f in files}
+    if None in builders or len(builders) != 1:
+        raise ValueError(
+            f"dataset: {name!r} must be files of one kind among {', '.join(BUILDERS)}; "
+            f"found suffixes {sorted({Path(f).suffix for f in files})}"
+        )
+    return DatasetSource("files", (builders.pop(), tuple(files)), text_column)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix in BUILDERS
+
+
+def open_dataset(source: DatasetSource) -> Any:
+    """The iterable of records (or strings) behind ``source``; loads hub and file datasets streaming."""
+    if source.kind == "object":
+        return source.value
+    try:
+        if source.kind == "hub":
+            return datasets.load_dataset(source.value, split="train", streaming=True)
+        builder, files = source.value
+        return datasets.load_dataset(builder, data_files=list(files), split="train", streaming=True)
+    except Exception as exc:
+        if source.kind == "hub":
+            raise ValueError(
+                f"dataset: could not load {source.value!r} from the Hugging Face hub ({type(exc).__name__}: "
+                f"{exc}). {OFFLINE_HINT}"
+            ) from exc
+        raise ValueError(
+            f"dataset: could not read {source.describe()} ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def document_blocks(source: DatasetSource, block_docs: int, start: int = 0) -> Iterator[list[str]]:
+    """Yield lists of up to ``block_docs`` non-empty documents, skipping the first ``start`` records."""
+    data = open_dataset(source)
+    if isinstance(data, list):
+        for i in range(start, len(data), block_docs):
+            yield _texts(data[i : i + block_docs], source)
+        return
+    if start:
+        data = data.skip(start)
+    for batch in data.iter(batch_size=block_docs):
+        if source.text_column not in batch:
+            raise ValueError(_missing_column(source, list(batch)))
+        yield _texts(batch[source.text_column], source)
+
+
+def _texts(values: list, source: DatasetSource) -> list[str]:
+    out = []
+    for value in values:
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str):
+            raise TypeError(
+                f"dataset: column {source.text_column!r} of {source.describe()} holds "
+                f"{type(value).__name__}, not text; pass text_column= naming a text column"
+            )
+        out.append(value)
+    return out
+
+
+def _check_first_document(source: DatasetSource) -> None:
+    data = open_dataset(source)
+    if isinstance(data, list):
+        if not data:
+            raise ValueError("dataset: the list of strings is empty; pass at least one document")
+        _texts(data[:1], source)
+        return
+    columns = getattr(data, "column_names", None)
+    if columns is None:
+        try:
+            first = next(iter(data))
+        except StopIteration:
+            raise ValueError(f"dataset: {source.describe()} is empty") from None
+        except Exception as exc:
+            raise ValueError(
+                f"dataset: could not read {source.describe()} ({type(exc).__name__}: {exc}); "
+                "check the file's format and encoding"
+            ) from exc
+        columns = list(first)
+    if source.text_column not in columns:
+        raise ValueError(_missing_column(source, columns))
+
+
+def _missing_column(source: DatasetSource, columns: list[str]) -> str:
+    return (
+        f"dataset: {source.describe()} has no column {source.text_column!r} (columns: {columns}); "
+        "pass text_column= naming the column that holds the text"
+    )

@@ -1,0 +1,153 @@
+"""The generator process: builds the node graph text -> contexts -> rows and writes rows into the buffer.
+
+``GeneratorRun`` is the training side's handle on one pass: the shared buffer plus the process, both
+cleaned up however the run ends (``close()``, an exception, garbage collection or interpreter exit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import traceback
+import types
+import weakref
+from collections.abc import Callable, Iterator
+
+import torch
+from torchdata.nodes import BaseNode, Loader, Prefetcher
+
+from actvpipe.capture import ActivationCapture, CaptureNode, RowBlock
+from actvpipe.models import load_model, load_tokenizer
+from actvpipe.shm import SharedRowBuffer
+from actvpipe.spec import StreamSpec
+from actvpipe.text import DocumentBlocks, PackedContexts
+
+
+class GeneratorError(RuntimeError):
+    """The generator process failed; the message carries its traceback or exit signal."""
+
+
+class _Stopped(Exception):
+    """The training side asked the generator to stop, or went away."""
+
+
+def build_rows_graph(spec: StreamSpec, model: torch.nn.Module, tokenizer) -> BaseNode[RowBlock]:
+    """documents -> packed contexts (tokenized in a background thread) -> captured rows."""
+    documents = DocumentBlocks(spec.dataset)
+    contexts = PackedContexts(documents, tokenizer, spec.context_length, spec.generation_batch_size)
+    capture = ActivationCapture(model, spec.layers, spec.first_pos)
+    return CaptureNode(Prefetcher(contexts, prefetch_factor=4), capture, spec.dtype)
+
+
+def write_block(buffer: SharedRowBuffer, block: RowBlock, should_stop: Callable[[], bool]) -> None:
+    """Copy a block into free slots as they become available, publishing each piece as it lands."""
+    written, backoff = 0, 1e-4
+    while written < len(block):
+        slots = buffer.claim(len(block) - written)
+        if len(slots) == 0:
+            if should_stop():
+                raise _Stopped
+            time.sleep(backoff)
+            backoff = min(2 * backoff, 0.005)
+            continue
+        end = written + len(slots)
+        meta = {
+            "seq": block.seq[written:end],
+            "pos": block.pos[written:end],
+            "token_ids": block.token_ids[written:end],
+        }
+        buffer.write(slots, block.rows[written:end], meta)
+        buffer.publish(slots)
+        written, backoff = end, 1e-4
+
+
+def generator_main(spec: StreamSpec, buffer: SharedRowBuffer, parent_pid: int) -> None:
+    """Entry point of the generator process."""
+
+    def should_stop() -> bool:
+        return buffer.stop_requested() or os.getppid() != parent_pid
+
+    try:
+        _quiet_libraries()
+        torch.set_num_threads(spec.threads or os.cpu_count() or 1)
+        model = load_model(spec.model, spec.dtype, spec.device)
+        tokenizer = load_tokenizer(spec.model.tokenizer)
+        for block in Loader(build_rows_graph(spec, model, tokenizer)):
+            if should_stop():
+                return
+            write_block(buffer, block, should_stop)
+        buffer.finish()
+    except _Stopped:
+        return
+    except BaseException:
+        buffer.fail(traceback.format_exc())
+        sys.exit(1)
+
+
+def _quiet_libraries() -> None:
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Start the child without re-importing the user's ``__main__`` (spawn would rerun the script)."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+class GeneratorRun:
+    """One pass of the stream: a fresh shared buffer and the process filling it."""
+
+    def __init__(self, spec: StreamSpec, size: int):
+        ctx = mp.get_context("spawn")
+        self.buffer = SharedRowBuffer.create(size, spec.row_shape, spec.dtype, ctx.Lock())
+        self.process = ctx.Process(
+            target=generator_main,
+            args=(spec, self.buffer, os.getpid()),
+            name="actvpipe-generator",
+            daemon=True,
+        )
+        self._finalizer = weakref.finalize(self, _shutdown, self.buffer, self.process)
+        with _main_module_hidden():
+            self.process.start()
+        self.used = False
+
+    def check_alive(self) -> None:
+        """Raise ``GeneratorError`` if the generator failed or died before finishing its pass."""
+        text = self.buffer.error_text()
+        if text is not None:
+            raise GeneratorError(f"the actvpipe generator process failed:\n{text}")
+        if not self.process.is_alive() and not self.buffer.done():
+            code = self.process.exitcode
+            how = (
+                f"signal {signal.Signals(-code).name}"
+                if code is not None and code < 0
+                else f"exit code {code}"
+            )
+            raise GeneratorError(f"the actvpipe generator process died ({how}) before finishing its pass")
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _shutdown(buffer: SharedRowBuffer, process: mp.Process) -> None:
+    buffer.request_stop()
+    if process.pid is not None:
+        process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=5)
+    buffer.unlink()

@@ -1,0 +1,174 @@
+"""The shared buffer: one named shared-memory block of rows, slot lists and counters, and its lifetime.
+
+Layout: a header of int64 counters, an error-text area, the dense list of full slots, the stack of
+free slots, per-slot provenance (seq, pos, token id) and the rows. A slot is full, free, or owned by
+one side while it copies rows in or out; the lock guards only the O(k) index updates, never a copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+import numpy as np
+import torch
+
+from actvpipe.sampling import remove_positions, sample_positions
+
+SHM_DIR = "/dev/shm"
+HEADER = ("n_full", "n_free", "done", "failed", "stop", "generated", "served", "error_len")
+HEADER_BYTES = 512
+ERROR_BYTES = 64 * 1024
+META = ("seq", "pos", "token_ids")
+
+
+def _layout(size: int) -> tuple[dict[str, int], int]:
+    offsets, at = {}, HEADER_BYTES + ERROR_BYTES
+    for name in ("full", "free", *META):
+        offsets[name] = at
+        at += 8 * size
+    offsets["rows"] = at
+    return offsets, at
+
+
+def buffer_nbytes(size: int, row_shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of shared memory a buffer of ``size`` rows takes, index lists included."""
+    row_bytes = int(np.prod(row_shape)) * torch.empty((), dtype=dtype).element_size()
+    return _layout(size)[1] + size * row_bytes
+
+
+class SharedRowBuffer:
+    """``size`` rows ``row_shape`` of ``dtype`` in named shared memory; pickles as its name and shape only."""
+
+    def __init__(self, name: str, size: int, row_shape: tuple[int, ...], dtype: torch.dtype, lock: Any):
+        self.name, self.size, self.row_shape, self.dtype, self.lock = (
+            name,
+            size,
+            tuple(row_shape),
+            dtype,
+            lock,
+        )
+        self._shm: SharedMemory | None = None
+        nbytes = buffer_nbytes(size, self.row_shape, dtype)
+        block = torch.from_file(os.path.join(SHM_DIR, name), shared=True, size=nbytes, dtype=torch.uint8)
+        offsets, rows_at = _layout(size)
+        self.header = block[:HEADER_BYTES].view(torch.int64).numpy()
+        self._error = block[HEADER_BYTES : HEADER_BYTES + ERROR_BYTES].numpy()
+        slot_arrays = {
+            k: block[at : at + 8 * size].view(torch.int64) for k, at in offsets.items() if k != "rows"
+        }
+        self.full, self.free = slot_arrays["full"].numpy(), slot_arrays["free"].numpy()
+        self.meta = {k: slot_arrays[k] for k in META}
+        self.rows = block[rows_at:].view(dtype).view(size, *self.row_shape)
+
+    @classmethod
+    def create(cls, size: int, row_shape: tuple[int, ...], dtype: torch.dtype, lock: Any) -> SharedRowBuffer:
+        """Allocate a new block (pages are touched only when written) with every slot free."""
+        if not os.path.isdir(SHM_DIR):
+            raise OSError(f"{SHM_DIR} not found: actvpipe's shared buffer needs Linux POSIX shared memory")
+        name = f"actvpipe_{os.getpid()}_{secrets.token_hex(6)}"
+        shm = SharedMemory(name=name, create=True, size=buffer_nbytes(size, tuple(row_shape), dtype))
+        shm.close()
+        buffer = cls(name, size, row_shape, dtype, lock)
+        buffer._shm = shm
+        buffer.free[:] = np.arange(size)
+        buffer._set("n_free", size)
+        return buffer
+
+    def __reduce__(self):
+        return (SharedRowBuffer, (self.name, self.size, self.row_shape, self.dtype, self.lock))
+
+    def unlink(self) -> None:
+        """Remove the block's name (owner only); the memory goes once every mapping is gone."""
+        if self._shm is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._shm.unlink()
+            self._shm = None
+
+    def get(self, field: str) -> int:
+        return int(self.header[HEADER.index(field)])
+
+    def _set(self, field: str, value: int) -> None:
+        self.header[HEADER.index(field)] = value
+
+    def fill(self) -> int:
+        return self.get("n_full")
+
+    def done(self) -> bool:
+        return bool(self.get("done"))
+
+    # generator side
+    def claim(self, k: int) -> np.ndarray:
+        """Take up to ``k`` free slots to write into (possibly none)."""
+        with self.lock:
+            n_free = self.get("n_free")
+            k = min(k, n_free)
+            slots = self.free[n_free - k : n_free].copy()
+            self._set("n_free", n_free - k)
+        return slots
+
+    def write(self, slots: np.ndarray, rows: torch.Tensor, meta: dict[str, np.ndarray]) -> None:
+        """Copy rows and their provenance into claimed slots (no lock: the slots are ours)."""
+        index = torch.from_numpy(slots)
+        self.rows.index_copy_(0, index, rows.to(self.dtype))
+        for key, values in meta.items():
+            self.meta[key].index_copy_(0, index, torch.from_numpy(values))
+
+    def publish(self, slots: np.ndarray) -> None:
+        """Make written slots available to the sampler."""
+        with self.lock:
+            n_full = self.get("n_full")
+            self.full[n_full : n_full + len(slots)] = slots
+            self._set("n_full", n_full + len(slots))
+            self._set("generated", self.get("generated") + len(slots))
+
+    def request_stop(self) -> None:
+        """Ask the generator to stop at its next check (training side)."""
+        self._set("stop", 1)
+
+    def stop_requested(self) -> bool:
+        return bool(self.get("stop"))
+
+    def finish(self) -> None:
+        self._set("done", 1)
+
+    def fail(self, text: str) -> None:
+        data = text.encode()[-ERROR_BYTES:]
+        self._error[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+        self._set("error_len", len(data))
+        self._set("failed", 1)
+
+    def error_text(self) -> str | None:
+        if not self.get("failed"):
+            return None
+        return self._error[: self.get("error_len")].tobytes().decode(errors="replace")
+
+    # trainer side
+    def take(self, k: int, rng: np.random.Generator) -> np.ndarray:
+        """Remove up to ``k`` uniformly random full slots from the full list, in O(k)."""
+        with self.lock:
+            n_full = self.get("n_full")
+            positions = sample_positions(rng, n_full, k)
+            slots = self.full[positions]
+            remove_positions(self.full, n_full, positions)
+            self._set("n_full", n_full - len(slots))
+        return slots
+
+    def gather(self, slots: np.ndarray) -> torch.Tensor:
+        return torch.index_select(self.rows, 0, torch.from_numpy(slots))
+
+    def provenance(self, slots: np.ndarray) -> dict[str, torch.Tensor]:
+        """``seq``, ``pos`` and ``token_ids`` of the rows in ``slots``."""
+        index = torch.from_numpy(slots)
+        return {key: torch.index_select(self.meta[key], 0, index) for key in META}
+
+    def release(self, slots: np.ndarray) -> None:
+        """Return served slots to the free stack."""
+        with self.lock:
+            n_free = self.get("n_free")
+            self.free[n_free : n_free + len(slots)] = slots
+            self._set("n_free", n_free + len(slots))
+            self._set("served", self.get("served") + len(slots))

@@ -1,0 +1,182 @@
+"""The fluent API: ``stream(...)`` -> ``.buffer(size)`` -> ``.batch(b)`` -> an ``ActivationLoader``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torchdata.nodes import Loader
+
+from actvpipe.capture import capture_modules
+from actvpipe.documents import resolve_dataset
+from actvpipe.generator import GeneratorRun
+from actvpipe.models import model_dims, resolve_model
+from actvpipe.sampling import BufferBatcher, TokenBatch
+from actvpipe.spec import StreamSpec
+
+GPT2_DEFAULTS = {
+    "model": "openai-community/gpt2",
+    "dataset": "Skylion007/openwebtext",
+    "context_length": 1024,
+}
+
+
+def stream(
+    model: Any,
+    dataset: Any,
+    *,
+    tokenizer: Any = None,
+    text_column: str = "text",
+    context_length: int = 1024,
+    layers: Sequence[int] | None = None,
+    generation_batch_size: int = 32,
+    dtype: torch.dtype = torch.float32,
+    device: str = "auto",
+    seed: int = 0,
+    exclude_bos: bool = True,
+) -> ActivationStream:
+    """Describe a stream of MLP-in/MLP-out activations of ``model`` over ``dataset``.
+
+    Everything is checked here, before any process starts: the model's config and tokenizer load,
+    the dataset exists and has ``text_column``, and the shapes fit the model.
+    """
+    _check_positive_int("generation_batch_size", generation_batch_size)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating torch.dtype such as torch.float32, got {dtype!r}")
+    device = resolve_device(device)
+    source, config = resolve_model(model, tokenizer)
+    capture_modules(config.model_type)
+    n_layers, d_model, max_len = model_dims(config)
+    _check_positive_int("context_length", context_length)
+    if context_length < 2:
+        raise ValueError("context_length: must be at least 2 (BOS plus one token); pass a larger value")
+    if max_len is not None and context_length > max_len:
+        raise ValueError(
+            f"context_length: {context_length} exceeds the model's maximum of {max_len}; "
+            f"pass context_length={max_len} or less"
+        )
+    layers = _check_layers(layers, n_layers)
+    dataset_source = resolve_dataset(dataset, text_column)
+    spec = StreamSpec(
+        model=source,
+        dataset=dataset_source,
+        context_length=context_length,
+        layers=layers,
+        d_model=d_model,
+        generation_batch_size=generation_batch_size,
+        dtype=dtype,
+        device=device,
+        seed=seed,
+        exclude_bos=exclude_bos,
+    )
+    return ActivationStream(spec)
+
+
+def gpt2_stream(**overrides: Any) -> ActivationStream:
+    """GPT-2 small on OpenWebText, context 1024: rows ``[2, 12, 768]`` (needs the Hugging Face hub)."""
+    return stream(**{**GPT2_DEFAULTS, **overrides})
+
+
+def resolve_device(device: str) -> str:
+    """ "auto" is CUDA when available, else CPU; an explicit CUDA device without CUDA is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(device, str) or not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"device: {device!r} requested but CUDA is not available; pass device='cpu' or 'auto'"
+        )
+    return device
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
+
+def _check_layers(layers: Sequence[int] | None, n_layers: int) -> tuple[int, ...]:
+    if layers is None:
+        return tuple(range(n_layers))
+    layers = sorted(set(layers))
+    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers]
+    if bad or not layers:
+        raise ValueError(f"layers: {bad or 'empty'} out of range; the model has layers 0..{n_layers - 1}")
+    return tuple(layers)
+
+
+class ActivationStream:
+    """A validated description of a stream; ``.buffer(size)`` adds the shared shuffle buffer."""
+
+    def __init__(self, spec: StreamSpec):
+        self.spec = spec
+
+    @property
+    def row_shape(self) -> tuple[int, int, int]:
+        return self.spec.row_shape
+
+    def buffer(self, size: int, *, warmup: float = 0.5) -> BufferedStream:
+        """A shuffle buffer of ``size`` rows; batches are served once it holds ``warmup * size`` rows."""
+        _check_positive_int("size", size)
+        if not 0.0 <= warmup <= 1.0:
+            raise ValueError(f"warmup: a fraction of the buffer between 0 and 1, got {warmup!r}")
+        return BufferedStream(self.spec, size, warmup)
+
+
+class BufferedStream:
+    """A stream with its buffer; ``.batch(b)`` builds the loader."""
+
+    def __init__(self, spec: StreamSpec, size: int, warmup: float):
+        self.spec, self.size, self.warmup = spec, size, warmup
+
+    def batch(self, batch_size: int, drop_last: bool = False, with_tokens: bool = False) -> ActivationLoader:
+        """Batches of ``batch_size`` rows; ``with_tokens=True`` yields ``TokenBatch`` records."""
+        _check_positive_int("batch_size", batch_size)
+        if batch_size > self.size:
+            raise ValueError(
+                f"batch_size: {batch_size} is larger than the buffer ({self.size} rows); "
+                f"pass .buffer(size) with size >= {batch_size} or a smaller batch_size"
+            )
+        return ActivationLoader(self, batch_size, drop_last, with_tokens)
+
+
+class ActivationLoader:
+    """Iterable of batches ``[batch, 2, n_layers, d_model]``, driven by a ``torchdata.nodes.Loader``.
+
+    ``start()`` launches the generator and returns at once; iterating starts it implicitly; each new
+    iteration after a finished pass starts a new pass. ``close()`` (or leaving a ``with`` block)
+    stops the generator and frees the shared memory.
+    """
+
+    def __init__(self, buffered: BufferedStream, batch_size: int, drop_last: bool, with_tokens: bool):
+        self.spec = buffered.spec
+        self.buffer_size = buffered.size
+        self.batch_size = batch_size
+        launch = functools.partial(GeneratorRun, buffered.spec, buffered.size)
+        min_fill = max(1, round(buffered.warmup * buffered.size))
+        self._node = BufferBatcher(launch, batch_size, drop_last, min_fill, self.spec.seed, with_tokens)
+        self._loader = Loader(self._node)
+
+    def start(self) -> ActivationLoader:
+        self._node.start()
+        return self
+
+    def __iter__(self) -> Iterator[torch.Tensor | TokenBatch]:
+        return iter(self._loader)
+
+    def close(self) -> None:
+        self._node.close()
+
+    def __enter__(self) -> ActivationLoader:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def generator_pid(self) -> int | None:
+        """PID of the current generator process (None before ``start()``)."""
+        run = self._node.run
+        return run.process.pid if run is not None else None

@@ -1,0 +1,54 @@
+"""Shared benchmark helpers: GPT-2-architecture models built offline, timing, machine details."""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from actvpipe.demo import demo_model_dir
+
+
+def build_gpt2(n_layer: int, n_embd: int, n_head: int, n_positions: int = 1024) -> Path:
+    """A randomly initialised GPT-2-architecture model with the demo tokenizer, saved to a temp dir."""
+    out = Path(tempfile.mkdtemp(prefix=f"actvpipe-bench-{n_layer}x{n_embd}-"))
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir())
+    config = GPT2Config(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_positions=n_positions,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def bare_forward_tokens_per_s(model_dir: Path, batch: int, context: int, seconds: float) -> float:
+    """Tokens/s of the plain base model (no hooks, no LM head) on random tokens of the given shape."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir).eval()
+    tokens = torch.randint(0, model.config.vocab_size, (batch, context))
+    with torch.inference_mode():
+        model(tokens, use_cache=False)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            model(tokens, use_cache=False)
+            n += 1
+        elapsed = time.perf_counter() - start
+    return n * batch * context / elapsed
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"

@@ -1,0 +1,83 @@
+"""Shared fixtures: the tiny demo model (built once per session) and an independent reference capture."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    os.environ["ACTVPIPE_CACHE"] = str(tmp_path_factory.mktemp("actvpipe-cache"))
+
+
+@pytest.fixture(scope="session")
+def model_dir(_isolated_cache) -> Path:
+    from actvpipe.demo import demo_model_dir
+
+    return demo_model_dir()
+
+
+@pytest.fixture(scope="session")
+def texts() -> list[str]:
+    from actvpipe.demo import corpus_texts
+
+    return corpus_texts()[:30]
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_shared_memory():
+    """Every test must leave /dev/shm as it found it."""
+    before = {n for n in os.listdir("/dev/shm") if n.startswith("actvpipe_")}
+    yield
+    import gc
+
+    gc.collect()
+    after = {n for n in os.listdir("/dev/shm") if n.startswith("actvpipe_")}
+    assert after <= before, f"leaked shared memory: {sorted(after - before)}"
+
+
+def reference_contexts(model_dir: Path, texts: list[str], context_length: int) -> torch.Tensor:
+    """The design notes' packing, written out plainly: docs + EOS, chunks of ctx-1, BOS prepended."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    flat: list[int] = []
+    for text in texts:
+        if text:
+            flat += tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    body = context_length - 1
+    chunks = [[bos, *flat[i : i + body]] for i in range(0, len(flat) - body + 1, body)]
+    return torch.tensor(chunks)
+
+
+def reference_rows(model_dir: Path, contexts: torch.Tensor, layers=None) -> torch.Tensor:
+    """Rows [n_ctx, ctx, 2, n_layers, d] from plain forward hooks on ln_2's input and the MLP's output."""
+    model = AutoModel.from_pretrained(model_dir).eval()
+    layers = list(range(model.config.n_layer)) if layers is None else list(layers)
+    saved: dict[tuple[int, int], torch.Tensor] = {}
+    handles = []
+    for j, i in enumerate(layers):
+        block = model.h[i]
+        handles.append(
+            block.ln_2.register_forward_pre_hook(lambda m, a, j=j: saved.__setitem__((0, j), a[0]))
+        )
+        handles.append(block.mlp.register_forward_hook(lambda m, a, o, j=j: saved.__setitem__((1, j), o)))
+    out = []
+    with torch.no_grad():
+        for ctx in contexts:
+            model(ctx[None])
+            out.append(
+                torch.stack(
+                    [torch.stack([saved[(s, j)][0] for j in range(len(layers))], 1) for s in (0, 1)], 1
+                )
+            )
+    for h in handles:
+        h.remove()
+    return torch.stack(out)

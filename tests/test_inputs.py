@@ -1,0 +1,130 @@
+"""Every accepted dataset form works; every bad input fails early with a message naming the fix."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+import torch
+
+import actvpipe
+from actvpipe.documents import document_blocks, resolve_dataset
+
+CTX = 32
+
+
+def first_batch(stream, batch=64):
+    with stream.buffer(2000).batch(batch, with_tokens=True) as loader:
+        return next(iter(loader))
+
+
+def write_forms(tmp_path, texts):
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    (tmp_path / "docs.txt").write_text("\n".join(t.replace("\n", " ") for t in texts))
+    datasets.Dataset.from_dict({"text": texts}).to_parquet(str(tmp_path / "docs.parquet"))
+    (tmp_path / "dir").mkdir()
+    for i, t in enumerate(texts):
+        (tmp_path / "dir" / f"{i:03d}.json").write_text(json.dumps({"text": t}))
+
+
+def test_every_dataset_form_yields_the_same_documents(tmp_path, texts):
+    docs = texts[:6]
+    write_forms(tmp_path, docs)
+    flat = [t.replace("\n", " ") for t in docs]
+    forms = {
+        "list": (docs, "text", docs),
+        "jsonl": (tmp_path / "docs.jsonl", "body", docs),
+        "txt": (str(tmp_path / "docs.txt"), "text", flat),
+        "parquet": (str(tmp_path / "docs.parquet"), "text", docs),
+        "directory": (str(tmp_path / "dir"), "text", docs),
+        "Dataset": (datasets.Dataset.from_dict({"text": docs}), "text", docs),
+        "IterableDataset": (datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset(), "text", docs),
+    }
+    for name, (dataset, column, expected) in forms.items():
+        source = resolve_dataset(dataset, column)
+        got = [d for block in document_blocks(source, block_docs=4) for d in block]
+        assert got == expected, name
+        resumed = [d for block in document_blocks(source, block_docs=4, start=2) for d in block]
+        assert resumed == expected[2:], name
+
+
+def test_stream_over_a_jsonl_file_serves_rows(tmp_path, model_dir, texts):
+    write_forms(tmp_path, texts[:6])
+    batch = first_batch(
+        actvpipe.stream(model_dir, tmp_path / "docs.jsonl", text_column="body", context_length=CTX)
+    )
+    assert batch.acts.shape == (64, 2, 4, 64)
+    assert torch.isfinite(batch.acts).all()
+
+
+def test_loaded_model_and_tokenizer_objects(model_dir, texts):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    by_object = first_batch(
+        actvpipe.stream(model, texts[:4], tokenizer=tokenizer, context_length=CTX, seed=1)
+    )
+    by_path = first_batch(actvpipe.stream(model_dir, texts[:4], context_length=CTX, seed=1))
+    assert torch.equal(by_object.seq, by_path.seq) and torch.equal(by_object.pos, by_path.pos)
+    torch.testing.assert_close(by_object.acts, by_path.acts)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"model": "./no/such/model"}, FileNotFoundError, ["model", "no such directory"]),
+        ({"dataset": "./no/such/file.jsonl"}, FileNotFoundError, ["dataset", "no such file"]),
+        ({"text_column": "content"}, ValueError, ["no column 'content'", "text_column="]),
+        ({"context_length": 100_000}, ValueError, ["context_length", "maximum of 256"]),
+        ({"context_length": 1}, ValueError, ["context_length", "at least 2"]),
+        ({"layers": [0, 4]}, ValueError, ["layers", "[4]", "0..3"]),
+        ({"layers": [-1]}, ValueError, ["layers", "0..3"]),
+        ({"generation_batch_size": 0}, ValueError, ["generation_batch_size", "positive"]),
+        ({"dtype": torch.int64}, TypeError, ["dtype", "floating"]),
+        ({"device": "tpu"}, ValueError, ["device", "'cpu'"]),
+        ({"dataset": iter(["a b c"])}, TypeError, ["one-shot iterator", "list of strings"]),
+        ({"dataset": []}, ValueError, ["dataset", "empty"]),
+    ],
+)
+def test_bad_stream_arguments_fail_before_any_work(model_dir, texts, kwargs, error, words):
+    args = {"model": model_dir, "dataset": texts[:2], "context_length": CTX, **kwargs}
+    if "text_column" in kwargs:
+        args["dataset"] = datasets.Dataset.from_dict({"text": texts[:2]})
+    with pytest.raises(error) as info:
+        actvpipe.stream(**args)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_directory_that_is_not_a_model(tmp_path, texts):
+    with pytest.raises(ValueError, match=r"not a saved model.*save_pretrained"):
+        actvpipe.stream(tmp_path, texts[:2])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cuda_without_cuda_is_a_clear_error(model_dir, texts):
+    with pytest.raises(ValueError, match=r"CUDA is not available.*device='cpu'"):
+        actvpipe.stream(model_dir, texts[:2], device="cuda")
+
+
+def test_buffer_and_batch_sizes(model_dir, texts):
+    stream = actvpipe.stream(model_dir, texts[:2], context_length=CTX)
+    with pytest.raises(
+        ValueError, match=r"batch_size: 200 is larger than the buffer \(100 rows\).*size >= 200"
+    ):
+        stream.buffer(100).batch(200)
+    for bad in (0, -5, 2.5):
+        with pytest.raises(ValueError, match="size: expected a positive integer"):
+            stream.buffer(bad)
+    with pytest.raises(ValueError, match="warmup"):
+        stream.buffer(100, warmup=1.5)
+
+
+def test_hub_model_offline_names_the_offline_alternative():
+    with pytest.raises(ValueError) as info:
+        actvpipe.gpt2_stream()
+    message = str(info.value)
+    assert "openai-community/gpt2" in message and "Hugging Face hub" in message
+    assert "actvpipe.demo_stream()" in message

@@ -1,0 +1,65 @@
+"""Pure pieces alone: packing, uniform sampling without replacement, dense removal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from actvpipe.sampling import remove_positions, sample_positions
+from actvpipe.text import pack_contexts
+
+BOS, EOS = 1000, 1001
+
+
+@given(st.lists(st.lists(st.integers(0, 99), max_size=30), max_size=12), st.integers(2, 9))
+def test_packing_keeps_every_token_in_order(docs, ctx):
+    contexts, carry = pack_contexts(docs, np.zeros(0, dtype=np.int64), ctx, BOS, EOS)
+    stream = [t for d in docs for t in [*d, EOS]]
+    assert contexts.shape == (len(stream) // (ctx - 1), ctx)
+    assert (contexts[:, 0] == BOS).all(), "BOS is prepended, never written over a token"
+    assert contexts[:, 1:].reshape(-1).tolist() + carry.tolist() == stream
+    assert len(carry) < ctx - 1
+
+
+@given(st.lists(st.lists(st.integers(0, 99), max_size=20), max_size=10), st.integers(1, 5), st.integers(2, 7))
+def test_packing_in_pieces_equals_packing_at_once(docs, cut, ctx):
+    whole, whole_carry = pack_contexts(docs, np.zeros(0, dtype=np.int64), ctx, BOS, EOS)
+    first, carry = pack_contexts(docs[:cut], np.zeros(0, dtype=np.int64), ctx, BOS, EOS)
+    second, carry = pack_contexts(docs[cut:], carry, ctx, BOS, EOS)
+    assert np.array_equal(np.concatenate([first, second]), whole)
+    assert np.array_equal(carry, whole_carry)
+
+
+@settings(max_examples=200)
+@given(st.integers(0, 5000), st.integers(0, 3000), st.integers(0, 2**32))
+def test_sample_positions_are_distinct_and_in_range(n, k, seed):
+    picked = sample_positions(np.random.default_rng(seed), n, k)
+    assert len(picked) == min(n, k)
+    assert len(np.unique(picked)) == len(picked)
+    assert picked.size == 0 or (picked.min() >= 0 and picked.max() < n)
+
+
+@pytest.mark.parametrize(("n", "k"), [(20, 3), (20, 15), (1000, 10)])
+def test_sample_positions_are_uniform(n, k):
+    rng = np.random.default_rng(0)
+    counts = np.zeros(n)
+    trials = 20_000
+    for _ in range(trials):
+        counts[sample_positions(rng, n, k)] += 1
+    expected = trials * k / n
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < n + 6 * np.sqrt(2 * n), f"chi-square {chi2:.0f} for {n - 1} degrees of freedom"
+
+
+@settings(max_examples=300)
+@given(st.integers(1, 300), st.data())
+def test_remove_positions_keeps_exactly_the_others_dense(n, data):
+    k = data.draw(st.integers(0, n))
+    positions = np.array(data.draw(st.permutations(range(n)))[:k], dtype=np.int64)
+    slots = np.arange(n) * 7
+    before = slots.copy()
+    remove_positions(slots, n, positions)
+    kept = np.delete(before, positions)
+    assert sorted(slots[: n - k].tolist()) == sorted(kept.tolist())
