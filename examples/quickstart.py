@@ -8,6 +8,7 @@ if __name__ == "__main__":
     with stream.buffer(20_000).batch(1024, with_tokens=True) as loader:
         for step, batch in enumerate(loader):
             mlp_in, mlp_out = batch.acts[:, 0], batch.acts[:, 1]  # [batch, layer, d_model] each
-            print(f"step {step}: mlp_in {tuple(mlp_in.shape)}, first row from context {batch.seq[0]} pos {batch.pos[0]}")
+            origin = f"context {batch.seq[0]}, position {batch.pos[0]}"
+            print(f"step {step}: mlp_in {tuple(mlp_in.shape)}; first row from {origin}")
             if step == 4:
                 break
