@@ -38,15 +38,23 @@ def capture_modules(model_type: str) -> tuple[str, str]:
 
 @dataclass
 class RowBlock:
-    """Rows ``[n, 2, n_layers, d_model]`` with where each came from: context ``seq``, position ``pos``."""
+    """Rows ``[n, 2, n_layers, d_model]`` of one block of contexts, with per-row provenance ``meta``
+    (``seq``, ``pos``, ``token_ids``, and the block's start point ``block_record``/``block_offset``)
+    and where the next block starts."""
 
     rows: torch.Tensor
-    seq: np.ndarray
-    pos: np.ndarray
-    token_ids: np.ndarray
+    meta: dict[str, np.ndarray]
+    first_seq: int
+    next_start: tuple[int, int]
+    computed: int = 0  # rows the model produced for this block, before any resume filtering
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def select(self, keep: np.ndarray) -> RowBlock:
+        index = torch.from_numpy(np.flatnonzero(keep))
+        meta = {k: v[keep] for k, v in self.meta.items()}
+        return RowBlock(self.rows.index_select(0, index), meta, self.first_seq, self.next_start)
 
 
 class _StopForward(Exception):
@@ -120,15 +128,22 @@ class CaptureNode(BaseNode[RowBlock]):
         block = next(self.contexts)
         tokens = torch.from_numpy(block.tokens).to(self.device)
         rows = self.capture(tokens).to("cpu", self.out_dtype)
-        return RowBlock(rows, *row_provenance(block, self.capture.first_pos))
+        return RowBlock(
+            rows, row_provenance(block, self.capture.first_pos), block.first_seq, block.next_start
+        )
 
     def get_state(self) -> dict[str, Any]:
         return self.contexts.state_dict()
 
 
-def row_provenance(block: ContextBlock, first_pos: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(seq, pos, token id) of each row of ``block``, in the order the capture emits them."""
+def row_provenance(block: ContextBlock, first_pos: int) -> dict[str, np.ndarray]:
+    """Per-row ``seq``, ``pos``, ``token_ids`` and block start point, in the order capture emits rows."""
     n, ctx = block.tokens.shape
-    seq = np.repeat(np.arange(block.first_seq, block.first_seq + n, dtype=np.int64), ctx - first_pos)
-    pos = np.tile(np.arange(first_pos, ctx, dtype=np.int64), n)
-    return seq, pos, block.tokens[:, first_pos:].reshape(-1)
+    rows = n * (ctx - first_pos)
+    return {
+        "seq": np.repeat(np.arange(block.first_seq, block.first_seq + n, dtype=np.int64), ctx - first_pos),
+        "pos": np.tile(np.arange(first_pos, ctx, dtype=np.int64), n),
+        "token_ids": block.tokens[:, first_pos:].reshape(-1),
+        "block_record": np.full(rows, block.start[0], dtype=np.int64),
+        "block_offset": np.full(rows, block.start[1], dtype=np.int64),
+    }

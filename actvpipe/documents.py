@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -30,7 +31,10 @@ class DatasetSource:
             return str(self.value)
         if self.kind == "files":
             return ",".join(self.value[1])
-        return f"<{type(self.value).__name__}>"
+        if isinstance(self.value, list):
+            ends = hashlib.sha1(repr((self.value[:1], self.value[-1:])).encode()).hexdigest()[:12]
+            return f"<list of {len(self.value)} documents {ends}>"
+        return f"<{type(self.value).__name__} {getattr(self.value, '_fingerprint', '')}>"
 
 
 def resolve_dataset(dataset: Any, text_column: str = "text") -> DatasetSource:
@@ -103,24 +107,29 @@ def open_dataset(source: DatasetSource) -> Any:
         ) from exc
 
 
-def document_blocks(source: DatasetSource, block_docs: int, start: int = 0) -> Iterator[list[str]]:
-    """Yield lists of up to ``block_docs`` non-empty documents, skipping the first ``start`` records."""
+def document_blocks(
+    source: DatasetSource, block_docs: int, start: int = 0
+) -> Iterator[tuple[list[tuple[int, str]], int]]:
+    """Yield ``([(record index, text) of the non-empty documents], next record)`` from record ``start`` on."""
     data = open_dataset(source)
     if isinstance(data, list):
         for i in range(start, len(data), block_docs):
-            yield _texts(data[i : i + block_docs], source)
+            yield _texts(data[i : i + block_docs], i, source), min(i + block_docs, len(data))
         return
     if start:
         data = data.skip(start)
+    record = start
     for batch in data.iter(batch_size=block_docs):
         if source.text_column not in batch:
             raise ValueError(_missing_column(source, list(batch)))
-        yield _texts(batch[source.text_column], source)
+        values = batch[source.text_column]
+        yield _texts(values, record, source), record + len(values)
+        record += len(values)
 
 
-def _texts(values: list, source: DatasetSource) -> list[str]:
+def _texts(values: list, first_record: int, source: DatasetSource) -> list[tuple[int, str]]:
     out = []
-    for value in values:
+    for record, value in enumerate(values, first_record):
         if value is None or value == "":
             continue
         if not isinstance(value, str):
@@ -128,7 +137,7 @@ def _texts(values: list, source: DatasetSource) -> list[str]:
                 f"dataset: column {source.text_column!r} of {source.describe()} holds "
                 f"{type(value).__name__}, not text; pass text_column= naming a text column"
             )
-        out.append(value)
+        out.append((record, value))
     return out
 
 
@@ -137,7 +146,7 @@ def _check_first_document(source: DatasetSource) -> None:
     if isinstance(data, list):
         if not data:
             raise ValueError("dataset: the list of strings is empty; pass at least one document")
-        _texts(data[:1], source)
+        _texts(data[:1], 0, source)
         return
     columns = getattr(data, "column_names", None)
     if columns is None:

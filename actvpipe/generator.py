@@ -17,11 +17,13 @@ import types
 import weakref
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 from torchdata.nodes import BaseNode, Loader, Prefetcher
 
 from actvpipe.capture import ActivationCapture, CaptureNode, RowBlock
 from actvpipe.models import load_model, load_tokenizer
+from actvpipe.resume import PlannedContexts, ResumePlan, RowFilter
 from actvpipe.shm import SharedRowBuffer
 from actvpipe.spec import StreamSpec
 from actvpipe.text import DocumentBlocks, PackedContexts
@@ -35,37 +37,43 @@ class _Stopped(Exception):
     """The training side asked the generator to stop, or went away."""
 
 
-def build_rows_graph(spec: StreamSpec, model: torch.nn.Module, tokenizer) -> BaseNode[RowBlock]:
-    """documents -> packed contexts (tokenized in a background thread) -> captured rows."""
-    documents = DocumentBlocks(spec.dataset)
-    contexts = PackedContexts(documents, tokenizer, spec.context_length, spec.generation_batch_size)
-    capture = ActivationCapture(model, spec.layers, spec.first_pos)
-    return CaptureNode(Prefetcher(contexts, prefetch_factor=4), capture, spec.dtype)
+def build_rows_graph(
+    spec: StreamSpec, plan: ResumePlan, model: torch.nn.Module, tokenizer
+) -> BaseNode[RowBlock]:
+    """documents -> packed contexts per the plan (tokenized in a background thread) -> rows -> plan filter."""
+    packer = PackedContexts(
+        DocumentBlocks(spec.dataset), tokenizer, spec.context_length, spec.generation_batch_size
+    )
+    contexts = Prefetcher(PlannedContexts(packer, plan), prefetch_factor=4)
+    rows = CaptureNode(contexts, ActivationCapture(model, spec.layers, spec.first_pos), spec.dtype)
+    return RowFilter(rows, plan, spec.layout)
 
 
-def write_block(buffer: SharedRowBuffer, block: RowBlock, should_stop: Callable[[], bool]) -> None:
-    """Copy a block into free slots as they become available, publishing each piece as it lands."""
+def write_block(
+    buffer: SharedRowBuffer, block: RowBlock, next_block: tuple | None, should_stop: Callable
+) -> None:
+    """Copy a block into free slots as they become available, pushing each piece to the FIFO as it lands.
+
+    ``next_block`` (seq, record, offset), recorded with the last piece, says where the next block starts.
+    """
     written, backoff = 0, 1e-4
-    while written < len(block):
+    while True:
         slots = buffer.claim(len(block) - written)
-        if len(slots) == 0:
+        if len(slots) == 0 and written < len(block):
             if should_stop():
                 raise _Stopped
             time.sleep(backoff)
             backoff = min(2 * backoff, 0.005)
             continue
         end = written + len(slots)
-        meta = {
-            "seq": block.seq[written:end],
-            "pos": block.pos[written:end],
-            "token_ids": block.token_ids[written:end],
-        }
-        buffer.write(slots, block.rows[written:end], meta)
-        buffer.publish(slots)
+        buffer.write(slots, block.rows[written:end], {k: v[written:end] for k, v in block.meta.items()})
+        buffer.push(slots, next_block if end == len(block) else None)
+        if end == len(block):
+            return
         written, backoff = end, 1e-4
 
 
-def generator_main(spec: StreamSpec, buffer: SharedRowBuffer, parent_pid: int) -> None:
+def generator_main(spec: StreamSpec, plan: ResumePlan, buffer: SharedRowBuffer, parent_pid: int) -> None:
     """Entry point of the generator process."""
 
     def should_stop() -> bool:
@@ -76,10 +84,14 @@ def generator_main(spec: StreamSpec, buffer: SharedRowBuffer, parent_pid: int) -
         torch.set_num_threads(spec.threads or os.cpu_count() or 1)
         model = load_model(spec.model, spec.dtype, spec.device)
         tokenizer = load_tokenizer(spec.model.tokenizer)
-        for block in Loader(build_rows_graph(spec, model, tokenizer)):
+        for block in Loader(build_rows_graph(spec, plan, model, tokenizer)):
             if should_stop():
                 return
-            write_block(buffer, block, should_stop)
+            buffer.count_computed(block.computed)
+            next_block = None
+            if block.first_seq >= plan.continue_seq:
+                next_block = (block.first_seq + spec.generation_batch_size, *block.next_start)
+            write_block(buffer, block, next_block, should_stop)
         buffer.finish()
     except _Stopped:
         return
@@ -109,14 +121,16 @@ def _main_module_hidden() -> Iterator[None]:
 
 
 class GeneratorRun:
-    """One pass of the stream: a fresh shared buffer and the process filling it."""
+    """One pass of the stream (or its remainder, per ``plan``): a fresh shared buffer and its process."""
 
-    def __init__(self, spec: StreamSpec, size: int):
+    def __init__(self, spec: StreamSpec, size: int, plan: ResumePlan):
         ctx = mp.get_context("spawn")
         self.buffer = SharedRowBuffer.create(size, spec.row_shape, spec.dtype, ctx.Lock())
+        # Where the generator starts, for a state saved before it writes anything.
+        self.buffer.push(np.zeros(0, dtype=np.int64), next_block=tuple(int(v) for v in plan.blocks[-1]))
         self.process = ctx.Process(
             target=generator_main,
-            args=(spec, self.buffer, os.getpid()),
+            args=(spec, plan, self.buffer, os.getpid()),
             name="actvpipe-generator",
             daemon=True,
         )

@@ -1,8 +1,10 @@
 """The shared buffer: one named shared-memory block of rows, slot lists and counters, and its lifetime.
 
 Layout: a header of int64 counters, an error-text area, the dense list of full slots, the stack of
-free slots, per-slot provenance (seq, pos, token id) and the rows. A slot is full, free, or owned by
-one side while it copies rows in or out; the lock guards only the O(k) index updates, never a copy.
+free slots, the FIFO of written slots, per-slot provenance and the rows. A slot is free, claimed
+and being written by the generator, written (in the FIFO, in generation order), full (sampleable),
+or being served. The generator claims, writes and pushes; the trainer publishes FIFO slots into the
+full list, takes, copies out and releases. The lock guards only O(k) index updates, never a copy.
 """
 
 from __future__ import annotations
@@ -19,15 +21,21 @@ import torch
 from actvpipe.sampling import remove_positions, sample_positions
 
 SHM_DIR = "/dev/shm"
-HEADER = ("n_full", "n_free", "done", "failed", "stop", "generated", "served", "error_len")
+# fmt: off
+HEADER = (
+    "n_full", "n_free", "done", "failed", "stop", "written", "published", "served", "computed", "error_len",
+    "next_block_seq", "next_block_record", "next_block_offset",
+)
+# fmt: on
 HEADER_BYTES = 512
 ERROR_BYTES = 64 * 1024
-META = ("seq", "pos", "token_ids")
+NEXT_BLOCK = ("next_block_seq", "next_block_record", "next_block_offset")
+META = ("seq", "pos", "token_ids", "block_record", "block_offset")
 
 
 def _layout(size: int) -> tuple[dict[str, int], int]:
     offsets, at = {}, HEADER_BYTES + ERROR_BYTES
-    for name in ("full", "free", *META):
+    for name in ("full", "free", "fifo", *META):
         offsets[name] = at
         at += 8 * size
     offsets["rows"] = at
@@ -60,7 +68,7 @@ class SharedRowBuffer:
         slot_arrays = {
             k: block[at : at + 8 * size].view(torch.int64) for k, at in offsets.items() if k != "rows"
         }
-        self.full, self.free = slot_arrays["full"].numpy(), slot_arrays["free"].numpy()
+        self.full, self.free, self.fifo = (slot_arrays[k].numpy() for k in ("full", "free", "fifo"))
         self.meta = {k: slot_arrays[k] for k in META}
         self.rows = block[rows_at:].view(dtype).view(size, *self.row_shape)
 
@@ -117,13 +125,19 @@ class SharedRowBuffer:
         for key, values in meta.items():
             self.meta[key].index_copy_(0, index, torch.from_numpy(values))
 
-    def publish(self, slots: np.ndarray) -> None:
-        """Make written slots available to the sampler."""
+    def push(self, slots: np.ndarray, next_block: tuple[int, int, int] | None = None) -> None:
+        """Append written slots to the FIFO; at the end of a block, record where the next one starts."""
         with self.lock:
-            n_full = self.get("n_full")
-            self.full[n_full : n_full + len(slots)] = slots
-            self._set("n_full", n_full + len(slots))
-            self._set("generated", self.get("generated") + len(slots))
+            written = self.get("written")
+            self.fifo[(written + np.arange(len(slots))) % self.size] = slots
+            self._set("written", written + len(slots))
+            if next_block is not None:
+                for field, value in zip(NEXT_BLOCK, next_block, strict=True):
+                    self._set(field, value)
+
+    def count_computed(self, rows: int) -> None:
+        """Add to the number of rows the model has produced (filtered-out regenerated rows included)."""
+        self._set("computed", self.get("computed") + rows)
 
     def request_stop(self) -> None:
         """Ask the generator to stop at its next check (training side)."""
@@ -147,15 +161,51 @@ class SharedRowBuffer:
         return self._error[: self.get("error_len")].tobytes().decode(errors="replace")
 
     # trainer side
+    def pending(self) -> int:
+        """Rows written by the generator and not yet published."""
+        return self.get("written") - self.get("published")
+
+    def pop_written(self, max_rows: int) -> np.ndarray:
+        """Remove up to ``max_rows`` of the oldest slots from the FIFO, in generation order."""
+        with self.lock:  # also orders the generator's FIFO stores before our reads
+            published = self.get("published")
+            k = max(0, min(max_rows, self.get("written") - published))
+            slots = self.fifo[(published + np.arange(k)) % self.size]
+            self._set("published", published + k)
+        return slots
+
+    def append_full(self, slots: np.ndarray) -> None:
+        """Make ``slots`` sampleable (the full list is the trainer's alone)."""
+        n_full = self.get("n_full")
+        self.full[n_full : n_full + len(slots)] = slots
+        self._set("n_full", n_full + len(slots))
+
+    def publish(self, max_rows: int) -> int:
+        """Move up to ``max_rows`` written slots, oldest first, into the full list; returns how many."""
+        slots = self.pop_written(max_rows)
+        self.append_full(slots)
+        return len(slots)
+
+    def continuation(self) -> tuple[int, int, int]:
+        """(context seq, record, offset of its block) of the oldest unpublished row, or of the block the
+        generator writes next when every written row is published (read as one snapshot)."""
+        with self.lock:
+            if self.pending() > 0:
+                slot = self.fifo[self.get("published") % self.size]
+                return tuple(int(self.meta[k][slot]) for k in ("seq", "block_record", "block_offset"))
+            return tuple(self.get(f) for f in NEXT_BLOCK)
+
     def take(self, k: int, rng: np.random.Generator) -> np.ndarray:
         """Remove up to ``k`` uniformly random full slots from the full list, in O(k)."""
-        with self.lock:
-            n_full = self.get("n_full")
-            positions = sample_positions(rng, n_full, k)
-            slots = self.full[positions]
-            remove_positions(self.full, n_full, positions)
-            self._set("n_full", n_full - len(slots))
+        n_full = self.get("n_full")
+        positions = sample_positions(rng, n_full, k)
+        slots = self.full[positions]
+        remove_positions(self.full, n_full, positions)
+        self._set("n_full", n_full - len(slots))
         return slots
+
+    def meta_of(self, slots: np.ndarray) -> dict[str, np.ndarray]:
+        return {key: self.meta[key].numpy()[slots] for key in META}
 
     def gather(self, slots: np.ndarray) -> torch.Tensor:
         return torch.index_select(self.rows, 0, torch.from_numpy(slots))
@@ -163,7 +213,7 @@ class SharedRowBuffer:
     def provenance(self, slots: np.ndarray) -> dict[str, torch.Tensor]:
         """``seq``, ``pos`` and ``token_ids`` of the rows in ``slots``."""
         index = torch.from_numpy(slots)
-        return {key: torch.index_select(self.meta[key], 0, index) for key in META}
+        return {key: torch.index_select(self.meta[key], 0, index) for key in ("seq", "pos", "token_ids")}
 
     def release(self, slots: np.ndarray) -> None:
         """Return served slots to the free stack."""

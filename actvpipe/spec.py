@@ -8,6 +8,7 @@ import torch
 
 from actvpipe.documents import DatasetSource
 from actvpipe.models import ModelSource
+from actvpipe.resume import RowLayout
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class StreamSpec:
     device: str
     seed: int
     exclude_bos: bool
+    deterministic: bool = False
     threads: int | None = None
 
     @property
@@ -38,3 +40,22 @@ class StreamSpec:
     @property
     def rows_per_context(self) -> int:
         return self.context_length - self.first_pos
+
+    @property
+    def layout(self) -> RowLayout:
+        return RowLayout(self.rows_per_context, self.first_pos, self.generation_batch_size)
+
+    def fingerprint(self) -> dict[str, object]:
+        """The arguments a saved state must match to be restored."""
+        return {
+            "model": self.model.name,
+            "dataset": self.dataset.describe(),
+            "text_column": self.dataset.text_column,
+            "context_length": self.context_length,
+            "layers": list(self.layers),
+            "generation_batch_size": self.generation_batch_size,
+            "dtype": str(self.dtype),
+            "seed": self.seed,
+            "exclude_bos": self.exclude_bos,
+            "deterministic": self.deterministic,
+        }

@@ -36,11 +36,13 @@ def stream(
     device: str = "auto",
     seed: int = 0,
     exclude_bos: bool = True,
+    deterministic: bool = False,
 ) -> ActivationStream:
     """Describe a stream of MLP-in/MLP-out activations of ``model`` over ``dataset``.
 
     Everything is checked here, before any process starts: the model's config and tokenizer load,
-    the dataset exists and has ``text_column``, and the shapes fit the model.
+    the dataset exists and has ``text_column``, and the shapes fit the model. ``deterministic=True``
+    makes the batches a pure function of the arguments and ``seed``.
     """
     _check_positive_int("generation_batch_size", generation_batch_size)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -70,6 +72,7 @@ def stream(
         device=device,
         seed=seed,
         exclude_bos=exclude_bos,
+        deterministic=deterministic,
     )
     return ActivationStream(spec)
 
@@ -147,7 +150,8 @@ class ActivationLoader:
 
     ``start()`` launches the generator and returns at once; iterating starts it implicitly; each new
     iteration after a finished pass starts a new pass. ``close()`` (or leaving a ``with`` block)
-    stops the generator and frees the shared memory.
+    stops the generator and frees the shared memory. ``state_dict()`` / ``load_state_dict()``
+    checkpoint the loader exactly (see README, "Checkpointing").
     """
 
     def __init__(self, buffered: BufferedStream, batch_size: int, drop_last: bool, with_tokens: bool):
@@ -156,7 +160,9 @@ class ActivationLoader:
         self.batch_size = batch_size
         launch = functools.partial(GeneratorRun, buffered.spec, buffered.size)
         min_fill = max(1, round(buffered.warmup * buffered.size))
-        self._node = BufferBatcher(launch, batch_size, drop_last, min_fill, self.spec.seed, with_tokens)
+        self._node = BufferBatcher(
+            self.spec, buffered.size, launch, batch_size, drop_last, min_fill, with_tokens
+        )
         self._loader = Loader(self._node)
 
     def start(self) -> ActivationLoader:
@@ -165,6 +171,15 @@ class ActivationLoader:
 
     def __iter__(self) -> Iterator[torch.Tensor | TokenBatch]:
         return iter(self._loader)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain picklable state of the latest iterator: a few integers and 4-8 bytes per buffered row."""
+        return self._loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state`` at the next iteration (call before iterating)."""
+        self._loader = Loader(self._node)  # torchdata 0.11 ignores a load after an earlier state_dict()
+        self._loader.load_state_dict(state)
 
     def close(self) -> None:
         self._node.close()

@@ -13,64 +13,82 @@ from actvpipe.documents import DatasetSource, document_blocks
 
 
 def pack_contexts(
-    docs: Sequence[Sequence[int]], carry: np.ndarray, context_length: int, bos_id: int, eos_id: int
-) -> tuple[np.ndarray, np.ndarray]:
+    docs: Sequence[Sequence[int]],
+    records: Sequence[int],
+    carry: np.ndarray,
+    carry_start: tuple[int, int],
+    context_length: int,
+    bos_id: int,
+    eos_id: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pack tokenized documents into contexts as the design notes define.
 
     Each document is followed by EOS and appended to ``carry`` (tokens left over from earlier
-    documents); the stream is cut into chunks of ``context_length - 1`` tokens and BOS is prepended
-    to each. Returns the ``[n, context_length]`` contexts and the new carry (the partial chunk).
+    documents, starting at ``carry_start``); the stream is cut into chunks of ``context_length - 1``
+    tokens and BOS is prepended to each. A start point ``(record, offset)`` names the token at
+    ``offset`` in document ``record``'s tokens plus EOS. Returns the ``[n, context_length]``
+    contexts, the ``[n + 1, 2]`` start points of each context and of the new carry, and the carry.
     """
-    pieces = [carry]
     eos = np.array([eos_id], dtype=np.int64)
+    pieces = [carry]
     for doc in docs:
-        pieces.append(np.asarray(doc, dtype=np.int64))
-        pieces.append(eos)
+        pieces += [np.asarray(doc, dtype=np.int64), eos]
     flat = np.concatenate(pieces)
     body = context_length - 1
     n = len(flat) // body
     contexts = np.empty((n, context_length), dtype=np.int64)
     contexts[:, 0] = bos_id
     contexts[:, 1:] = flat[: n * body].reshape(n, body)
-    return contexts, flat[n * body :].copy()
+    seg_begin = np.cumsum([0, len(carry), *(len(d) + 1 for d in docs)])[:-1]
+    seg_record = np.array([carry_start[0], *records], dtype=np.int64)
+    seg_offset = np.zeros(len(seg_begin), dtype=np.int64)
+    seg_offset[0] = carry_start[1]
+    at = np.arange(n + 1, dtype=np.int64) * body
+    seg = np.searchsorted(seg_begin, at, side="right") - 1
+    starts = np.stack([seg_record[seg], seg_offset[seg] + at - seg_begin[seg]], axis=1)
+    return contexts, starts, flat[n * body :].copy()
 
 
 @dataclass
 class ContextBlock:
-    """Consecutive packed contexts: ``tokens[j]`` is global context number ``first_seq + j``."""
+    """Consecutive packed contexts: ``tokens[j]`` is global context number ``first_seq + j``.
+
+    ``start`` is where the block's first context begins in the dataset, ``next_start`` where the
+    following block begins: packing restarted there reproduces the following contexts exactly.
+    """
 
     tokens: np.ndarray
     first_seq: int
+    start: tuple[int, int]
+    next_start: tuple[int, int]
 
 
 class DocumentBlocks(BaseNode[list]):
-    """Reads the dataset's text column in blocks of documents; state is the number of documents read."""
+    """Reads the dataset's text column in blocks of ``(record, text)``; state is the next record."""
 
     def __init__(self, source: DatasetSource, block_docs: int = 256):
         super().__init__()
         self.source = source
         self.block_docs = block_docs
-        self._docs_read = 0
-        self._it = None
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
-        self._docs_read = initial_state["docs_read"] if initial_state else 0
-        self._it = document_blocks(self.source, self.block_docs, start=self._docs_read)
+        self._next_record = initial_state["record"] if initial_state else 0
+        self._it = document_blocks(self.source, self.block_docs, start=self._next_record)
 
-    def next(self) -> list:
-        block = next(self._it)
-        self._docs_read += len(block)
+    def next(self) -> list[tuple[int, str]]:
+        block, self._next_record = next(self._it)
         return block
 
     def get_state(self) -> dict[str, Any]:
-        return {"docs_read": self._docs_read}
+        return {"record": self._next_record}
 
 
 class PackedContexts(BaseNode[ContextBlock]):
     """Tokenizes document blocks and packs them into blocks of ``contexts_per_block`` contexts.
 
-    The last block of a finite pass may be shorter; the final partial context is dropped.
+    The last block of a finite pass may be shorter; the final partial context is dropped. The state
+    is a start point and a context number: resuming re-reads from that document, never the model.
     """
 
     def __init__(
@@ -85,40 +103,58 @@ class PackedContexts(BaseNode[ContextBlock]):
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
-        state = initial_state or {}
-        self.documents.reset(state.get("documents"))
-        self._carry = np.asarray(state.get("carry", []), dtype=np.int64)
-        self._pending = np.asarray(state.get("pending", []), dtype=np.int64).reshape(-1, self.context_length)
-        self._next_seq = state.get("next_seq", 0)
+        state = initial_state or {"record": 0, "offset": 0, "next_seq": 0}
+        self.documents.reset({"record": state["record"]})
+        self._skip = (state["record"], state["offset"])
+        self._carry = np.zeros(0, dtype=np.int64)
+        self._carry_start = self._skip
+        self._pending = np.zeros((0, self.context_length), dtype=np.int64)
+        self._pending_starts = np.zeros((0, 2), dtype=np.int64)
+        self._next_seq = state["next_seq"]
+
+    def _read_documents(self) -> None:
+        block = next(self.documents)
+        records = [record for record, _ in block]
+        ids = (
+            self.tokenizer([text for _, text in block], add_special_tokens=False)["input_ids"]
+            if block
+            else []
+        )
+        if records and self._skip is not None and records[0] == self._skip[0] and self._skip[1]:
+            self._carry = np.array([*ids[0], self.eos_id], dtype=np.int64)[self._skip[1] :]
+            records, ids = records[1:], ids[1:]
+        self._skip = None
+        contexts, starts, self._carry = pack_contexts(
+            ids, records, self._carry, self._carry_start, self.context_length, self.bos_id, self.eos_id
+        )
+        self._carry_start = tuple(starts[-1])
+        self._pending = np.concatenate([self._pending, contexts])
+        self._pending_starts = np.concatenate([self._pending_starts, starts[:-1]])
+
+    def _next_start(self) -> tuple[int, int]:
+        return tuple(int(v) for v in (self._pending_starts[0] if len(self._pending) else self._carry_start))
 
     def next(self) -> ContextBlock:
         while len(self._pending) < self.contexts_per_block:
             try:
-                docs = next(self.documents)
+                self._read_documents()
             except StopIteration:
                 if len(self._pending) == 0:
                     raise
                 break
-            ids = self.tokenizer(docs, add_special_tokens=False)["input_ids"]
-            contexts, self._carry = pack_contexts(
-                ids, self._carry, self.context_length, self.bos_id, self.eos_id
-            )
-            self._pending = np.concatenate([self._pending, contexts])
-        tokens, self._pending = (
-            self._pending[: self.contexts_per_block],
-            self._pending[self.contexts_per_block :],
+        start = self._next_start()
+        k = self.contexts_per_block
+        tokens, self._pending = self._pending[:k], self._pending[k:]
+        self._pending_starts = self._pending_starts[k:]
+        block = ContextBlock(
+            tokens=tokens, first_seq=self._next_seq, start=start, next_start=self._next_start()
         )
-        block = ContextBlock(tokens=tokens, first_seq=self._next_seq)
         self._next_seq += len(tokens)
         return block
 
     def get_state(self) -> dict[str, Any]:
-        return {
-            "documents": self.documents.state_dict(),
-            "carry": self._carry.tolist(),
-            "pending": self._pending.tolist(),
-            "next_seq": self._next_seq,
-        }
+        record, offset = self._next_start()
+        return {"record": record, "offset": offset, "next_seq": self._next_seq}
 
 
 def special_token_ids(tokenizer: Any) -> tuple[int, int]:

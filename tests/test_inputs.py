@@ -43,10 +43,10 @@ def test_every_dataset_form_yields_the_same_documents(tmp_path, texts):
     }
     for name, (dataset, column, expected) in forms.items():
         source = resolve_dataset(dataset, column)
-        got = [d for block in document_blocks(source, block_docs=4) for d in block]
-        assert got == expected, name
-        resumed = [d for block in document_blocks(source, block_docs=4, start=2) for d in block]
-        assert resumed == expected[2:], name
+        got = [d for block, _ in document_blocks(source, block_docs=4) for d in block]
+        assert got == list(enumerate(expected)), name
+        resumed = [d for block, _ in document_blocks(source, block_docs=4, start=2) for d in block]
+        assert resumed == list(enumerate(expected))[2:], name
 
 
 def test_stream_over_a_jsonl_file_serves_rows(tmp_path, model_dir, texts):

@@ -13,23 +13,48 @@ from actvpipe.text import pack_contexts
 BOS, EOS = 1000, 1001
 
 
-@given(st.lists(st.lists(st.integers(0, 99), max_size=30), max_size=12), st.integers(2, 9))
+EMPTY = np.zeros(0, dtype=np.int64)
+docs_strategy = st.lists(st.lists(st.integers(0, 99), min_size=1, max_size=30), max_size=12)
+
+
+def pack(docs, ctx, carry=EMPTY, carry_start=(0, 0), first_record=0):
+    records = list(range(first_record, first_record + len(docs)))
+    return pack_contexts(docs, records, carry, carry_start, ctx, BOS, EOS)
+
+
+@given(docs_strategy, st.integers(2, 9))
 def test_packing_keeps_every_token_in_order(docs, ctx):
-    contexts, carry = pack_contexts(docs, np.zeros(0, dtype=np.int64), ctx, BOS, EOS)
+    contexts, starts, carry = pack(docs, ctx)
     stream = [t for d in docs for t in [*d, EOS]]
     assert contexts.shape == (len(stream) // (ctx - 1), ctx)
+    assert starts.shape == (len(contexts) + 1, 2)
     assert (contexts[:, 0] == BOS).all(), "BOS is prepended, never written over a token"
     assert contexts[:, 1:].reshape(-1).tolist() + carry.tolist() == stream
     assert len(carry) < ctx - 1
 
 
-@given(st.lists(st.lists(st.integers(0, 99), max_size=20), max_size=10), st.integers(1, 5), st.integers(2, 7))
+@given(docs_strategy, st.integers(1, 5), st.integers(2, 7))
 def test_packing_in_pieces_equals_packing_at_once(docs, cut, ctx):
-    whole, whole_carry = pack_contexts(docs, np.zeros(0, dtype=np.int64), ctx, BOS, EOS)
-    first, carry = pack_contexts(docs[:cut], np.zeros(0, dtype=np.int64), ctx, BOS, EOS)
-    second, carry = pack_contexts(docs[cut:], carry, ctx, BOS, EOS)
+    whole, whole_starts, whole_carry = pack(docs, ctx)
+    first, starts, carry = pack(docs[:cut], ctx)
+    second, more_starts, carry = pack(docs[cut:], ctx, carry, tuple(starts[-1]), first_record=cut)
     assert np.array_equal(np.concatenate([first, second]), whole)
+    assert np.array_equal(np.concatenate([starts[:-1], more_starts]), whole_starts)
     assert np.array_equal(carry, whole_carry)
+
+
+@given(docs_strategy, st.integers(2, 7), st.data())
+def test_packing_from_a_start_point_reproduces_the_following_contexts(docs, ctx, data):
+    contexts, starts, _ = pack(docs, ctx)
+    c = data.draw(st.integers(0, len(contexts)))
+    record, offset = (int(v) for v in starts[c])
+    if record >= len(docs):
+        assert c == len(contexts)
+        return
+    carry = np.array([*docs[record], EOS], dtype=np.int64)[offset:]
+    again, again_starts, _ = pack(docs[record + 1 :], ctx, carry, (record, offset), first_record=record + 1)
+    assert np.array_equal(again, contexts[c:])
+    assert np.array_equal(again_starts, starts[c:])
 
 
 @settings(max_examples=200)

@@ -1,0 +1,181 @@
+"""Exact resume: what a saved state holds, and how a new generator regenerates exactly what was lost.
+
+Rows of a pass have ids in generation order: ``row_id = seq * rows_per_context + pos - first_pos``.
+Contexts are packed and run through the model in aligned blocks of ``generation_batch_size``; a
+block can be re-packed from its start point ``(record, offset)`` without touching earlier data.
+A state records the frontier (rows with smaller ids were published before the save), the ids of the
+rows buffered and unserved, in the buffer's order, and the start points of their blocks. On restore
+the generator re-runs only those blocks, keeps exactly the buffered rows, then streams on from the
+frontier's block keeping rows at or past the frontier. Nothing else is recomputed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torchdata.nodes import BaseNode
+
+from actvpipe.capture import RowBlock
+from actvpipe.text import ContextBlock, PackedContexts
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What the generator emits: rows ``>= frontier`` from ``blocks[-1]`` on, plus ``buffered`` rows
+    regenerated from the earlier ``blocks`` (rows ``[m, 3]``: block seq, record, offset; ascending)."""
+
+    frontier: int
+    buffered: np.ndarray
+    blocks: np.ndarray
+
+    @classmethod
+    def fresh(cls) -> ResumePlan:
+        return cls(0, np.zeros(0, dtype=np.int64), np.zeros((1, 3), dtype=np.int64))
+
+    @property
+    def continue_seq(self) -> int:
+        return int(self.blocks[-1, 0])
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """How row ids map to contexts and blocks for one stream."""
+
+    rows_per_context: int
+    first_pos: int
+    contexts_per_block: int
+
+    def row_ids(self, seq: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        return seq * self.rows_per_context + pos - self.first_pos
+
+    def block_seq(self, seq: np.ndarray | int) -> np.ndarray | int:
+        return seq // self.contexts_per_block * self.contexts_per_block
+
+
+class PlannedContexts(BaseNode[ContextBlock]):
+    """Re-packs each planned block from its start point, then streams on from the last one."""
+
+    def __init__(self, packer: PackedContexts, plan: ResumePlan):
+        super().__init__()
+        self.packer = packer
+        self.plan = plan
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        self._next_block = 0
+
+    def next(self) -> ContextBlock:
+        if self._next_block < len(self.plan.blocks):
+            seq, record, offset = (int(v) for v in self.plan.blocks[self._next_block])
+            self.packer.reset({"record": record, "offset": offset, "next_seq": seq})
+            self._next_block += 1
+        return next(self.packer)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"next_block": self._next_block, "packer": self.packer.state_dict()}
+
+
+class RowFilter(BaseNode[RowBlock]):
+    """Keeps rows at or past the plan's frontier, and the buffered rows being regenerated."""
+
+    def __init__(self, source: BaseNode[RowBlock], plan: ResumePlan, layout: RowLayout):
+        super().__init__()
+        self.source = source
+        self.plan = plan
+        self.layout = layout
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        self.source.reset(initial_state)
+
+    def next(self) -> RowBlock:
+        block = next(self.source)
+        block.computed = len(block)
+        if block.first_seq * self.layout.rows_per_context >= self.plan.frontier:
+            return block
+        ids = self.layout.row_ids(block.meta["seq"], block.meta["pos"])
+        keep = ids >= self.plan.frontier
+        buffered = self.plan.buffered
+        if len(buffered):
+            at = np.minimum(np.searchsorted(buffered, ids), len(buffered) - 1)
+            keep |= buffered[at] == ids
+        kept = block.select(keep)
+        kept.computed = len(block)
+        return kept
+
+    def get_state(self) -> dict[str, Any]:
+        return self.source.state_dict()
+
+
+def make_state(
+    fingerprint: dict[str, Any],
+    frontier: int,
+    buffered_meta: dict[str, np.ndarray],
+    continuation: tuple[int, int, int],
+    layout: RowLayout,
+    sampler: dict[str, Any],
+) -> dict[str, Any]:
+    """The saved state: a few integers plus 4 or 8 bytes per buffered row (never the rows)."""
+    ids = layout.row_ids(buffered_meta["seq"], buffered_meta["pos"])
+    blocks = np.stack(
+        [
+            layout.block_seq(buffered_meta["seq"]),
+            buffered_meta["block_record"],
+            buffered_meta["block_offset"],
+        ],
+        axis=1,
+    )
+    seq, record, offset = continuation
+    blocks = np.concatenate([blocks, [[layout.block_seq(seq), record, offset]]])
+    blocks = np.unique(blocks, axis=0)
+    base = int(ids.min()) if len(ids) else 0
+    small = len(ids) == 0 or int(ids.max()) - base < 2**31
+    return {
+        "version": STATE_VERSION,
+        "fingerprint": fingerprint,
+        "frontier": int(frontier),
+        "buffered_base": base,
+        "buffered": torch.from_numpy((ids - base).astype(np.int32 if small else np.int64)),
+        "blocks": torch.from_numpy(blocks.astype(np.int64)),
+        **sampler,
+    }
+
+
+def plan_from_state(state: dict[str, Any]) -> tuple[ResumePlan, np.ndarray]:
+    """The generator's plan, and the buffered row ids in the saved buffer order."""
+    order = state["buffered"].numpy().astype(np.int64) + state["buffered_base"]
+    plan = ResumePlan(state["frontier"], np.sort(order), state["blocks"].numpy())
+    return plan, order
+
+
+def check_fingerprint(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """A state restores only into a loader built with the same arguments; say what differs."""
+    keys = sorted(set(saved) | set(current))
+    diffs = [
+        f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)
+    ]
+    if diffs:
+        raise ValueError(
+            "load_state_dict: the state was saved by a loader with different arguments; build the loader "
+            "with the saved values to restore it:\n  " + "\n  ".join(diffs)
+        )
+
+
+def order_slots(slots: np.ndarray, slot_ids: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Arrange regenerated ``slots`` (holding rows ``slot_ids``) in the saved buffer ``order``."""
+    if len(order) == 0 and len(slots) == 0:
+        return slots
+    by_id = np.argsort(slot_ids)
+    sorted_ids = slot_ids[by_id]
+    at = np.searchsorted(sorted_ids, order)
+    if len(order) != len(slots) or not np.array_equal(sorted_ids[np.minimum(at, len(at) - 1)], order):
+        raise RuntimeError(
+            "load_state_dict: the regenerated rows differ from the saved ones; the dataset or model "
+            "changed since the state was saved"
+        )
+    return slots[by_id[at]]

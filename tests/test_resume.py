@@ -1,0 +1,214 @@
+"""Checkpointing: exact resume (multiset), deterministic bitwise replay, SIGKILL between save and restore."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import actvpipe
+from conftest import reference_contexts, reference_rows
+from test_lifecycle import shm_entries, wait_gone
+
+CTX, GEN_BATCH, BUFFER, BATCH = 32, 4, 600, 100
+
+
+@pytest.fixture(scope="module")
+def docs(texts):
+    return texts[:10]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, docs):
+    contexts = reference_contexts(model_dir, docs, CTX)
+    return contexts, reference_rows(model_dir, contexts)
+
+
+def make_loader(model_dir, docs, deterministic=False, **overrides):
+    args = {
+        "context_length": CTX,
+        "generation_batch_size": GEN_BATCH,
+        "deterministic": deterministic,
+        **overrides,
+    }
+    return actvpipe.stream(model_dir, docs, **args).buffer(BUFFER).batch(BATCH, with_tokens=True)
+
+
+def keys(batches) -> torch.Tensor:
+    return torch.cat([b.seq * CTX + b.pos for b in batches]) if batches else torch.zeros(0, dtype=torch.long)
+
+
+def assert_is_the_full_pass(batches, reference):
+    contexts, rows = reference
+    got = keys(batches)
+    assert len(got) == len(contexts) * (CTX - 1) and len(torch.unique(got)) == len(got), (
+        "lost or duplicated rows"
+    )
+    acts, seq, pos = (torch.cat([getattr(b, f) for b in batches]) for f in ("acts", "seq", "pos"))
+    torch.testing.assert_close(acts, rows[seq, pos], rtol=1e-4, atol=1e-5)
+    assert torch.equal(torch.cat([b.token_ids for b in batches]), contexts[seq, pos])
+
+
+def save_mid_pass(loader, midpoint):
+    it = iter(loader)
+    served = [next(it) for _ in range(midpoint)]
+    state = pickle.loads(pickle.dumps(loader.state_dict()))
+    return it, served, state
+
+
+@pytest.mark.parametrize("midpoint", [0, 17, 33])
+def test_resume_serves_exactly_the_rest_of_the_pass(model_dir, docs, reference, midpoint):
+    loader = make_loader(model_dir, docs)
+    with loader:
+        _, served, state = save_mid_pass(loader, midpoint)
+    root = state["root"]
+    assert root["buffered"].dtype == torch.int32 and root["buffered"].numel() <= BUFFER
+    assert root["blocks"].shape[1] == 3
+    with make_loader(model_dir, docs) as fresh:
+        fresh.load_state_dict(state)
+        rest = list(fresh)
+        computed = fresh._node.run.buffer.get("computed")
+    assert_is_the_full_pass(served + rest, reference)
+    total = len(reference[0]) * (CTX - 1)
+    per_block = GEN_BATCH * (CTX - 1)
+    assert computed <= (total - root["frontier"]) + len(root["blocks"]) * per_block, (
+        "reran more than was lost"
+    )
+    if midpoint > 20:
+        assert computed < total, "the resumed run must not recompute the whole pass"
+
+
+def test_state_from_the_end_starts_the_next_pass(model_dir, docs, reference):
+    with make_loader(model_dir, docs) as loader:
+        first = list(loader)
+        state = loader.state_dict()
+    assert_is_the_full_pass(first, reference)
+    with make_loader(model_dir, docs) as fresh:
+        fresh.load_state_dict(state)
+        assert_is_the_full_pass(list(fresh), reference)
+
+
+def run_test_save_load_state(model_dir, docs, midpoint):
+    """torchdata's harness: a deterministic loader resumed at ``midpoint`` yields bitwise the rest."""
+    with make_loader(model_dir, docs, deterministic=True) as loader:
+        it, _, state = save_mid_pass(loader, midpoint)
+        rest = list(it)
+    with make_loader(model_dir, docs, deterministic=True) as fresh:
+        fresh.load_state_dict(state)
+        resumed = list(fresh)
+    assert len(resumed) == len(rest)
+    for a, b in zip(rest, resumed, strict=True):
+        assert torch.equal(a.acts, b.acts) and torch.equal(a.seq, b.seq) and torch.equal(a.pos, b.pos)
+
+
+@pytest.mark.parametrize("midpoint", [12])
+def test_deterministic_resume_is_bitwise(model_dir, docs, midpoint):
+    run_test_save_load_state(model_dir, docs, midpoint)
+
+
+def test_deterministic_runs_are_bitwise_equal(model_dir, docs, reference):
+    runs = []
+    for _ in range(2):
+        with make_loader(model_dir, docs, deterministic=True) as loader:
+            runs.append(list(loader))
+    assert_is_the_full_pass(runs[0], reference)
+    assert len(runs[0]) == len(runs[1])
+    assert all(torch.equal(a.acts, b.acts) and torch.equal(a.seq, b.seq) for a, b in zip(*runs, strict=True))
+    with make_loader(model_dir, docs, deterministic=True, seed=1) as other_seed:
+        assert not torch.equal(next(iter(other_seed)).seq, runs[0][0].seq)
+
+
+def test_restoring_into_a_loader_with_other_arguments_lists_each_difference(model_dir, docs):
+    with make_loader(model_dir, docs) as loader:
+        _, _, state = save_mid_pass(loader, 2)
+    other = make_loader(model_dir, docs, context_length=48, layers=[0, 1], seed=7, deterministic=True)
+    other.load_state_dict(state)
+    with pytest.raises(ValueError, match="different arguments") as info, other:
+        next(iter(other))
+    for line in (
+        "context_length: saved 32, now 48",
+        "layers: saved [0, 1, 2, 3], now [0, 1]",
+        "seed: saved 0, now 7",
+        "deterministic: saved False, now True",
+    ):
+        assert line in str(info.value)
+
+
+def test_restoring_with_another_dataset_or_model_says_what_differs(model_dir, docs, tmp_path):
+    with make_loader(model_dir, docs) as loader:
+        _, _, state = save_mid_pass(loader, 2)
+    other = make_loader(model_dir, docs[1:])
+    other.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"dataset: saved '<list of 10 documents"), other:
+        next(iter(other))
+    from transformers import AutoModel, AutoTokenizer
+
+    AutoModel.from_pretrained(model_dir).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp_path)
+    moved = make_loader(tmp_path, docs)
+    moved.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"model: saved"), moved:
+        next(iter(moved))
+
+
+SAVE_THEN_DIE = """
+import os, signal, sys, torch, actvpipe
+docs = torch.load(sys.argv[1])
+loader = actvpipe.stream(sys.argv[2], docs, context_length={ctx}, generation_batch_size={gb}).buffer({buf}).batch({b}, with_tokens=True)
+it = iter(loader)
+served = [next(it) for _ in range(int(sys.argv[3]))]
+torch.save({{"state": loader.state_dict(), "keys": [b.seq * {ctx} + b.pos for b in served], "pid": os.getpid()}}, sys.argv[4])
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+RESUME = """
+import sys, torch, actvpipe
+docs = torch.load(sys.argv[1])
+saved = torch.load(sys.argv[4])
+loader = actvpipe.stream(sys.argv[2], docs, context_length={ctx}, generation_batch_size={gb}).buffer({buf}).batch({b}, with_tokens=True)
+loader.load_state_dict(saved["state"])
+with loader:
+    torch.save([b.seq * {ctx} + b.pos for b in loader], sys.argv[3])
+"""
+
+
+def test_sigkill_right_after_saving_then_resume_in_a_new_process(model_dir, docs, reference, tmp_path):
+    fmt = {"ctx": CTX, "gb": GEN_BATCH, "buf": BUFFER, "b": BATCH}
+    docs_file, state_file, rest_file = tmp_path / "docs.pt", tmp_path / "state.pt", tmp_path / "rest.pt"
+    torch.save(docs, docs_file)
+    run = [sys.executable, "-c"]
+    died = subprocess.run(
+        [*run, textwrap.dedent(SAVE_THEN_DIE.format(**fmt)), docs_file, model_dir, "11", state_file],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert died.returncode == -9, died.stderr
+    saved = torch.load(state_file)
+    resumed = subprocess.run(
+        [*run, textwrap.dedent(RESUME.format(**fmt)), docs_file, model_dir, rest_file, state_file],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    served = torch.cat([*saved["keys"], *torch.load(rest_file)])
+    expected = len(reference[0]) * (CTX - 1)
+    assert len(served) == expected and len(torch.unique(served)) == expected
+    assert wait_gone(saved["pid"]) and wait_for(lambda: not shm_entries(saved["pid"]))
+
+
+def wait_for(condition, timeout=15.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
