@@ -190,6 +190,15 @@ class ActivationLoader:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def counters(self) -> dict[str, int]:
+        """Rows ``written`` by the generator, ``published`` (sampleable), ``served``, ``computed`` by the
+        model, and the current ``fill``, for the current pass (all zero before ``start()``)."""
+        run = self._node.run
+        names = ("written", "published", "served", "computed")
+        if run is None:
+            return dict.fromkeys((*names, "fill"), 0)
+        return {**{k: run.buffer.get(k) for k in names}, "fill": run.buffer.fill()}
+
     @property
     def generator_pid(self) -> int | None:
         """PID of the current generator process (None before ``start()``)."""

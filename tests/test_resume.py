@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
+import json
 import pickle
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
-
-import actvpipe
 from conftest import reference_contexts, reference_rows
 from test_lifecycle import shm_entries, wait_gone
+
+import actvpipe
 
 CTX, GEN_BATCH, BUFFER, BATCH = 32, 4, 600, 100
 
@@ -156,46 +155,37 @@ def test_restoring_with_another_dataset_or_model_says_what_differs(model_dir, do
         next(iter(moved))
 
 
+COMMON = """
+import json, os, signal, sys, torch, actvpipe
+docs, cfg = torch.load(sys.argv[1]), json.loads(sys.argv[3])
+stream = actvpipe.stream(sys.argv[2], docs, context_length=cfg["ctx"], generation_batch_size=cfg["gb"])
+loader = stream.buffer(cfg["buf"]).batch(cfg["b"], with_tokens=True)
+"""
 SAVE_THEN_DIE = """
-import os, signal, sys, torch, actvpipe
-docs = torch.load(sys.argv[1])
-loader = actvpipe.stream(sys.argv[2], docs, context_length={ctx}, generation_batch_size={gb}).buffer({buf}).batch({b}, with_tokens=True)
 it = iter(loader)
-served = [next(it) for _ in range(int(sys.argv[3]))]
-torch.save({{"state": loader.state_dict(), "keys": [b.seq * {ctx} + b.pos for b in served], "pid": os.getpid()}}, sys.argv[4])
+served = [next(it) for _ in range(cfg["midpoint"])]
+keys = [b.seq * cfg["ctx"] + b.pos for b in served]
+torch.save({"state": loader.state_dict(), "keys": keys, "pid": os.getpid()}, sys.argv[4])
 os.kill(os.getpid(), signal.SIGKILL)
 """
-
 RESUME = """
-import sys, torch, actvpipe
-docs = torch.load(sys.argv[1])
-saved = torch.load(sys.argv[4])
-loader = actvpipe.stream(sys.argv[2], docs, context_length={ctx}, generation_batch_size={gb}).buffer({buf}).batch({b}, with_tokens=True)
-loader.load_state_dict(saved["state"])
+loader.load_state_dict(torch.load(sys.argv[4])["state"])
 with loader:
-    torch.save([b.seq * {ctx} + b.pos for b in loader], sys.argv[3])
+    torch.save([b.seq * cfg["ctx"] + b.pos for b in loader], sys.argv[5])
 """
 
 
 def test_sigkill_right_after_saving_then_resume_in_a_new_process(model_dir, docs, reference, tmp_path):
-    fmt = {"ctx": CTX, "gb": GEN_BATCH, "buf": BUFFER, "b": BATCH}
+    cfg = json.dumps({"ctx": CTX, "gb": GEN_BATCH, "buf": BUFFER, "b": BATCH, "midpoint": 11})
     docs_file, state_file, rest_file = tmp_path / "docs.pt", tmp_path / "state.pt", tmp_path / "rest.pt"
     torch.save(docs, docs_file)
-    run = [sys.executable, "-c"]
+    args = [docs_file, model_dir, cfg, state_file, rest_file]
     died = subprocess.run(
-        [*run, textwrap.dedent(SAVE_THEN_DIE.format(**fmt)), docs_file, model_dir, "11", state_file],
-        capture_output=True,
-        text=True,
-        timeout=180,
+        [sys.executable, "-c", COMMON + SAVE_THEN_DIE, *args], capture_output=True, text=True
     )
     assert died.returncode == -9, died.stderr
     saved = torch.load(state_file)
-    resumed = subprocess.run(
-        [*run, textwrap.dedent(RESUME.format(**fmt)), docs_file, model_dir, rest_file, state_file],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    resumed = subprocess.run([sys.executable, "-c", COMMON + RESUME, *args], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     served = torch.cat([*saved["keys"], *torch.load(rest_file)])
     expected = len(reference[0]) * (CTX - 1)

@@ -1,0 +1,41 @@
+"""The examples run as users run them: the SAE training loop checkpoints and resumes."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run(*args: str, env: dict) -> str:
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "train_sae.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_train_sae_checkpoints_and_resumes(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    ckpt = str(tmp_path / "sae.pt")
+    first = run("--steps", "6", "--every", "3", "--checkpoint", ckpt, env=env)
+    assert re.findall(r"step (\d+): loss", first) == ["3", "6"]
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["step"] == 6 and {"sae", "optimizer", "loader"} <= set(saved)
+    assert saved["loader"]["root"]["batches"] == 6
+    second = run("--steps", "9", "--every", "3", "--checkpoint", ckpt, "--resume", env=env)
+    assert "resumed at step 6" in second
+    assert re.findall(r"step (\d+): loss", second) == ["9"]
+    losses = [float(x) for x in re.findall(r"loss ([0-9.]+)", first + second)]
+    assert all(0 < x < 1e3 for x in losses)
+    assert torch.load(ckpt, weights_only=False)["loader"]["root"]["batches"] == 9
