@@ -136,8 +136,7 @@ def make_state(
     base = int(ids.min()) if len(ids) else 0
     small = len(ids) == 0 or int(ids.max()) - base < 2**31
     return {
-        "version": STATE_VERSION,
-        "fingerprint": fingerprint,
+        "fingerprint": {**fingerprint, "state_version": STATE_VERSION},
         "frontier": int(frontier),
         "buffered_base": base,
         "buffered": torch.from_numpy((ids - base).astype(np.int32 if small else np.int64)),
@@ -155,6 +154,8 @@ def plan_from_state(state: dict[str, Any]) -> tuple[ResumePlan, np.ndarray]:
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """A state restores only into a loader built with the same arguments; say what differs."""
+    saved = {"state_version": saved.get("state_version"), **saved}
+    current = {"state_version": STATE_VERSION, **current}
     keys = sorted(set(saved) | set(current))
     diffs = [
         f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)

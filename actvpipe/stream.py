@@ -8,11 +8,13 @@ from typing import Any
 
 import torch
 from torchdata.nodes import Loader
+from torchdata.nodes.loader import LoaderIterator
 
 from actvpipe.capture import capture_modules
 from actvpipe.documents import resolve_dataset
 from actvpipe.generator import GeneratorRun
 from actvpipe.models import model_dims, resolve_model
+from actvpipe.resume import check_fingerprint
 from actvpipe.sampling import BufferBatcher, TokenBatch
 from actvpipe.spec import StreamSpec
 
@@ -177,7 +179,12 @@ class ActivationLoader:
         return self._loader.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from ``state`` at the next iteration (call before iterating)."""
+        """Resume from ``state`` at the next iteration (call before iterating).
+
+        Raises ``ValueError`` at once, listing each difference, if ``state`` was saved by a loader
+        built with other arguments.
+        """
+        check_fingerprint(state[LoaderIterator.ROOT_KEY]["fingerprint"], self._node.fingerprint())
         self._loader = Loader(self._node)  # torchdata 0.11 ignores a load after an earlier state_dict()
         self._loader.load_state_dict(state)
 

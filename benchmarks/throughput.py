@@ -54,7 +54,7 @@ def paired_ratios(
 def run(quick: bool) -> list[tuple[str, str, float, float]]:
     """[(measure, model, median ratio, spread)] for the P1 model shapes, and deterministic mode."""
     shapes = [("gpt2 4L d256", 4, 256, 4), ("gpt2-small 2L d768", 2, 768, 12)][: 1 if quick else 2]
-    context, gen_batch, window, rounds = 256, 16, 4.0, 4 if quick else 8
+    context, gen_batch, window, rounds = 256, 16, 8.0, 3 if quick else 8
     results = []
     for name, n_layer, d_model, heads in shapes:
         model_dir = build_gpt2(n_layer, d_model, heads)
