@@ -208,7 +208,11 @@ class SharedRowBuffer:
         return {key: self.meta[key].numpy()[slots] for key in META}
 
     def gather(self, slots: np.ndarray) -> torch.Tensor:
-        return torch.index_select(self.rows, 0, torch.from_numpy(slots))
+        """Copy rows out on the calling thread: an OpenMP gather would leave worker threads spinning
+        on the cores the generator's forward needs."""
+        out = torch.empty((len(slots), *self.row_shape), dtype=self.dtype)
+        np.take(self.rows.view(torch.uint8).numpy(), slots, axis=0, out=out.view(torch.uint8).numpy())
+        return out
 
     def provenance(self, slots: np.ndarray) -> dict[str, torch.Tensor]:
         """``seq``, ``pos`` and ``token_ids`` of the rows in ``slots``."""
