@@ -105,7 +105,7 @@ def run_test_save_load_state(model_dir, docs, midpoint):
         assert torch.equal(a.acts, b.acts) and torch.equal(a.seq, b.seq) and torch.equal(a.pos, b.pos)
 
 
-@pytest.mark.parametrize("midpoint", [12])
+@pytest.mark.parametrize("midpoint", [0, 12])
 def test_deterministic_resume_is_bitwise(model_dir, docs, midpoint):
     run_test_save_load_state(model_dir, docs, midpoint)
 
