@@ -38,14 +38,14 @@ def capture_modules(model_type: str) -> tuple[str, str]:
 
 @dataclass
 class RowBlock:
-    """Rows ``[n, 2, n_layers, d_model]`` of one block of contexts, with per-row provenance ``meta``
-    (``seq``, ``pos``, ``token_ids``, and the block's start point ``block_record``/``block_offset``)
-    and where the next block starts."""
+    """Rows ``[n, 2, n_layers, d_model]`` with per-row ``meta``: ``row_id`` (position in the pass's
+    generation order), ``seq``, ``pos``, ``token_ids``, and the start ``block_seq``/``block_record``/
+    ``block_offset`` of the block that produced it. ``next_block`` says where the following block
+    starts, when the producer can restart there."""
 
     rows: torch.Tensor
     meta: dict[str, np.ndarray]
-    first_seq: int
-    next_start: tuple[int, int]
+    next_block: tuple[int, int, int] | None = None
     computed: int = 0  # rows the model produced for this block, before any resume filtering
 
     def __len__(self) -> int:
@@ -54,7 +54,7 @@ class RowBlock:
     def select(self, keep: np.ndarray) -> RowBlock:
         index = torch.from_numpy(np.flatnonzero(keep))
         meta = {k: v[keep] for k, v in self.meta.items()}
-        return RowBlock(self.rows.index_select(0, index), meta, self.first_seq, self.next_start)
+        return RowBlock(self.rows.index_select(0, index), meta, self.next_block, self.computed)
 
 
 class _StopForward(Exception):
@@ -128,22 +128,25 @@ class CaptureNode(BaseNode[RowBlock]):
         block = next(self.contexts)
         tokens = torch.from_numpy(block.tokens).to(self.device)
         rows = self.capture(tokens).to("cpu", self.out_dtype)
-        return RowBlock(
-            rows, row_provenance(block, self.capture.first_pos), block.first_seq, block.next_start
-        )
+        next_block = (block.first_seq + len(block.tokens), *block.next_start)
+        return RowBlock(rows, row_provenance(block, self.capture.first_pos), next_block, computed=len(rows))
 
     def get_state(self) -> dict[str, Any]:
         return self.contexts.state_dict()
 
 
 def row_provenance(block: ContextBlock, first_pos: int) -> dict[str, np.ndarray]:
-    """Per-row ``seq``, ``pos``, ``token_ids`` and block start point, in the order capture emits rows."""
+    """Per-row meta (see ``RowBlock``), in the order capture emits rows."""
     n, ctx = block.tokens.shape
-    rows = n * (ctx - first_pos)
+    per_context = ctx - first_pos
+    first_row = block.first_seq * per_context
+    rows = n * per_context
     return {
-        "seq": np.repeat(np.arange(block.first_seq, block.first_seq + n, dtype=np.int64), ctx - first_pos),
+        "row_id": np.arange(first_row, first_row + rows, dtype=np.int64),
+        "seq": np.repeat(np.arange(block.first_seq, block.first_seq + n, dtype=np.int64), per_context),
         "pos": np.tile(np.arange(first_pos, ctx, dtype=np.int64), n),
         "token_ids": block.tokens[:, first_pos:].reshape(-1),
+        "block_seq": np.full(rows, block.first_seq, dtype=np.int64),
         "block_record": np.full(rows, block.start[0], dtype=np.int64),
         "block_offset": np.full(rows, block.start[1], dtype=np.int64),
     }

@@ -46,7 +46,7 @@ def build_rows_graph(
     )
     contexts = Prefetcher(PlannedContexts(packer, plan), prefetch_factor=4)
     rows = CaptureNode(contexts, ActivationCapture(model, spec.layers, spec.first_pos), spec.dtype)
-    return RowFilter(rows, plan, spec.layout)
+    return RowFilter(rows, plan)
 
 
 def write_block(
@@ -88,10 +88,7 @@ def generator_main(spec: StreamSpec, plan: ResumePlan, buffer: SharedRowBuffer, 
             if should_stop():
                 return
             buffer.count_computed(block.computed)
-            next_block = None
-            if block.first_seq >= plan.continue_seq:
-                next_block = (block.first_seq + spec.generation_batch_size, *block.next_start)
-            write_block(buffer, block, next_block, should_stop)
+            write_block(buffer, block, block.next_block, should_stop)
         buffer.finish()
     except _Stopped:
         return

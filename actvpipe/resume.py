@@ -1,12 +1,12 @@
 """Exact resume: what a saved state holds, and how a new generator regenerates exactly what was lost.
 
-Rows of a pass have ids in generation order: ``row_id = seq * rows_per_context + pos - first_pos``.
-Contexts are packed and run through the model in aligned blocks of ``generation_batch_size``; a
-block can be re-packed from its start point ``(record, offset)`` without touching earlier data.
-A state records the frontier (rows with smaller ids were published before the save), the ids of the
-rows buffered and unserved, in the buffer's order, and the start points of their blocks. On restore
-the generator re-runs only those blocks, keeps exactly the buffered rows, then streams on from the
-frontier's block keeping rows at or past the frontier. Nothing else is recomputed.
+Rows of a pass have ids in generation order (``RowBlock.meta["row_id"]``). Contexts are packed and
+run through the model in aligned blocks of ``generation_batch_size``; a block can be re-packed from
+its start point ``(record, offset)`` without touching earlier data. A state records the frontier
+(rows with smaller ids were published before the save), the ids of the rows buffered and unserved,
+in the buffer's order, and the start points of their blocks. On restore the generator re-runs only
+those blocks, keeps exactly the buffered rows, then streams on from the frontier's block keeping
+rows at or past the frontier. Nothing else is recomputed.
 """
 
 from __future__ import annotations
@@ -42,21 +42,6 @@ class ResumePlan:
         return int(self.blocks[-1, 0])
 
 
-@dataclass(frozen=True)
-class RowLayout:
-    """How row ids map to contexts and blocks for one stream."""
-
-    rows_per_context: int
-    first_pos: int
-    contexts_per_block: int
-
-    def row_ids(self, seq: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        return seq * self.rows_per_context + pos - self.first_pos
-
-    def block_seq(self, seq: np.ndarray | int) -> np.ndarray | int:
-        return seq // self.contexts_per_block * self.contexts_per_block
-
-
 class PlannedContexts(BaseNode[ContextBlock]):
     """Re-packs each planned block from its start point, then streams on from the last one."""
 
@@ -83,11 +68,10 @@ class PlannedContexts(BaseNode[ContextBlock]):
 class RowFilter(BaseNode[RowBlock]):
     """Keeps rows at or past the plan's frontier, and the buffered rows being regenerated."""
 
-    def __init__(self, source: BaseNode[RowBlock], plan: ResumePlan, layout: RowLayout):
+    def __init__(self, source: BaseNode[RowBlock], plan: ResumePlan):
         super().__init__()
         self.source = source
         self.plan = plan
-        self.layout = layout
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
@@ -95,18 +79,19 @@ class RowFilter(BaseNode[RowBlock]):
 
     def next(self) -> RowBlock:
         block = next(self.source)
-        block.computed = len(block)
-        if block.first_seq * self.layout.rows_per_context >= self.plan.frontier:
+        ids = block.meta["row_id"]
+        if len(ids) == 0:
             return block
-        ids = self.layout.row_ids(block.meta["seq"], block.meta["pos"])
+        if block.meta["block_seq"][0] < self.plan.continue_seq:
+            block.next_block = None  # a regenerated earlier block: not where streaming continues
+        if ids[0] >= self.plan.frontier:
+            return block
         keep = ids >= self.plan.frontier
         buffered = self.plan.buffered
         if len(buffered):
             at = np.minimum(np.searchsorted(buffered, ids), len(buffered) - 1)
             keep |= buffered[at] == ids
-        kept = block.select(keep)
-        kept.computed = len(block)
-        return kept
+        return block.select(keep)
 
     def get_state(self) -> dict[str, Any]:
         return self.source.state_dict()
@@ -117,21 +102,12 @@ def make_state(
     frontier: int,
     buffered_meta: dict[str, np.ndarray],
     continuation: tuple[int, int, int],
-    layout: RowLayout,
     sampler: dict[str, Any],
 ) -> dict[str, Any]:
     """The saved state: a few integers plus 4 or 8 bytes per buffered row (never the rows)."""
-    ids = layout.row_ids(buffered_meta["seq"], buffered_meta["pos"])
-    blocks = np.stack(
-        [
-            layout.block_seq(buffered_meta["seq"]),
-            buffered_meta["block_record"],
-            buffered_meta["block_offset"],
-        ],
-        axis=1,
-    )
-    seq, record, offset = continuation
-    blocks = np.concatenate([blocks, [[layout.block_seq(seq), record, offset]]])
+    ids = buffered_meta["row_id"]
+    blocks = np.stack([buffered_meta[k] for k in ("block_seq", "block_record", "block_offset")], axis=1)
+    blocks = np.concatenate([blocks, np.array([continuation], dtype=np.int64)])
     blocks = np.unique(blocks, axis=0)
     base = int(ids.min()) if len(ids) else 0
     small = len(ids) == 0 or int(ids.max()) - base < 2**31

@@ -133,7 +133,7 @@ class BufferBatcher(BaseNode):
         self._wait(lambda: buffer.pending() >= len(order) or buffer.done())
         slots = buffer.pop_written(len(order))
         meta = buffer.meta_of(slots)
-        buffer.append_full(order_slots(slots, self.spec.layout.row_ids(meta["seq"], meta["pos"]), order))
+        buffer.append_full(order_slots(slots, meta["row_id"], order))
         self._restoring = None
 
     def _ready_to_serve(self) -> bool:
@@ -171,5 +171,4 @@ class BufferBatcher(BaseNode):
         buffer = self.run.buffer
         sampler = {"rng": self._rng.bit_generator.state, "pass": self._pass, "batches": self._batches}
         full = buffer.meta_of(buffer.full[: buffer.fill()])
-        layout = self.spec.layout
-        return make_state(self.fingerprint(), self._frontier, full, buffer.continuation(), layout, sampler)
+        return make_state(self.fingerprint(), self._frontier, full, buffer.continuation(), sampler)

@@ -30,7 +30,7 @@ HEADER = (
 HEADER_BYTES = 512
 ERROR_BYTES = 64 * 1024
 NEXT_BLOCK = ("next_block_seq", "next_block_record", "next_block_offset")
-META = ("seq", "pos", "token_ids", "block_record", "block_offset")
+META = ("row_id", "seq", "pos", "token_ids", "block_seq", "block_record", "block_offset")
 
 
 def _layout(size: int) -> tuple[dict[str, int], int]:
@@ -187,12 +187,12 @@ class SharedRowBuffer:
         return len(slots)
 
     def continuation(self) -> tuple[int, int, int]:
-        """(context seq, record, offset of its block) of the oldest unpublished row, or of the block the
+        """(seq, record, offset) starting the block of the oldest unpublished row, or of the block the
         generator writes next when every written row is published (read as one snapshot)."""
         with self.lock:
             if self.pending() > 0:
                 slot = self.fifo[self.get("published") % self.size]
-                return tuple(int(self.meta[k][slot]) for k in ("seq", "block_record", "block_offset"))
+                return tuple(int(self.meta[k][slot]) for k in ("block_seq", "block_record", "block_offset"))
             return tuple(self.get(f) for f in NEXT_BLOCK)
 
     def take(self, k: int, rng: np.random.Generator) -> np.ndarray:

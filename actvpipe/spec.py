@@ -8,7 +8,6 @@ import torch
 
 from actvpipe.documents import DatasetSource
 from actvpipe.models import ModelSource
-from actvpipe.resume import RowLayout
 
 
 @dataclass(frozen=True)
@@ -40,10 +39,6 @@ class StreamSpec:
     @property
     def rows_per_context(self) -> int:
         return self.context_length - self.first_pos
-
-    @property
-    def layout(self) -> RowLayout:
-        return RowLayout(self.rows_per_context, self.first_pos, self.generation_batch_size)
 
     def fingerprint(self) -> dict[str, object]:
         """The arguments a saved state must match to be restored."""
