@@ -9,7 +9,7 @@ from actvpipe.config import (
 from actvpipe.demo import demo_stream
 from actvpipe.generator import GeneratorError
 from actvpipe.sampling import TokenBatch
-from actvpipe.stream import ActivationLoader, ActivationStream, BufferedStream, gpt2_stream, stream
+from actvpipe.stream import ActivationLoader, ActivationStream, BufferedStream, from_hdf5, gpt2_stream, stream
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "actvs_loader_from_production_config",
     "actvs_loader_from_test_config",
     "demo_stream",
+    "from_hdf5",
     "gpt2_stream",
     "stream",
 ]

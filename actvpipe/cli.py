@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -27,6 +28,37 @@ def demo(args: argparse.Namespace) -> None:
     print(f"served {rows:,} rows in {elapsed:.1f}s ({rows / elapsed:,.0f} rows/s, generator start included)")
 
 
+def cache(args: argparse.Namespace) -> None:
+    """Write a model's activations over a dataset to an HDF5 file (a finite pass, or --max-rows)."""
+    import torch
+
+    import actvpipe
+
+    layers = [int(i) for i in args.layers.split(",")] if args.layers else None
+    stream = actvpipe.stream(
+        args.model,
+        args.dataset,
+        text_column=args.text_column,
+        context_length=args.context_length,
+        layers=layers,
+        generation_batch_size=args.generation_batch_size,
+        device=args.device,
+    )
+    path = stream.to_hdf5(args.out, max_rows=args.max_rows, dtype=getattr(torch, args.dtype))
+    print(f"wrote {path}")
+
+
+def inspect(args: argparse.Namespace) -> None:
+    """Print an activation file's shape, dtype, row count, size and attributes."""
+    from actvpipe.hdf5 import open_cache_file
+
+    file = open_cache_file(args.file)
+    mib = os.path.getsize(file.path) / 2**20
+    print(f"{file.path}: {file.rows:,} rows of {list(file.row_shape)} {file.attrs['dtype']}, {mib:,.1f} MiB")
+    for key, value in sorted(file.attrs.items()):
+        print(f"  {key}: {value}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actvpipe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -35,12 +67,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=512, help="rows per batch (default 512)")
     p.add_argument("--buffer", type=int, default=16_384, help="shuffle buffer size in rows (default 16384)")
     p.set_defaults(run=demo)
+
+    p = commands.add_parser("cache", help=cache.__doc__, description=cache.__doc__)
+    p.add_argument("--model", required=True, help="hub id or local directory")
+    p.add_argument("--dataset", required=True, help="hub id, file or directory (json/jsonl/txt/parquet)")
+    p.add_argument("--context-length", type=int, required=True)
+    p.add_argument("--out", required=True, help="the .h5 file to write")
+    p.add_argument(
+        "--max-rows", type=int, default=None, help="stop after this many rows (default: the whole pass)"
+    )
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="storage dtype"
+    )
+    p.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--generation-batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=cache)
+
+    p = commands.add_parser("inspect", help=inspect.__doc__, description=inspect.__doc__)
+    p.add_argument("file")
+    p.set_defaults(run=inspect)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        sys.exit(f"actvpipe {args.command}: {exc}")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ from actvpipe.capture import ActivationCapture, CaptureNode, RowBlock
 from actvpipe.models import load_model, load_tokenizer
 from actvpipe.resume import PlannedContexts, ResumePlan, RowFilter
 from actvpipe.shm import SharedRowBuffer
-from actvpipe.spec import StreamSpec
+from actvpipe.spec import Hdf5Spec, StreamSpec
 from actvpipe.text import DocumentBlocks, PackedContexts
+
+Source = StreamSpec | Hdf5Spec
 
 
 class GeneratorError(RuntimeError):
@@ -37,10 +39,12 @@ class _Stopped(Exception):
     """The training side asked the generator to stop, or went away."""
 
 
-def build_rows_graph(
-    spec: StreamSpec, plan: ResumePlan, model: torch.nn.Module, tokenizer
-) -> BaseNode[RowBlock]:
-    """documents -> packed contexts per the plan (tokenized in a background thread) -> rows -> plan filter."""
+def build_rows_graph(spec: StreamSpec, plan: ResumePlan) -> BaseNode[RowBlock]:
+    """Load model and tokenizer, then: documents -> packed contexts per the plan (tokenized in a
+    background thread) -> captured rows -> plan filter."""
+    torch.set_num_threads(spec.threads or os.cpu_count() or 1)
+    model = load_model(spec.model, spec.dtype, spec.device)
+    tokenizer = load_tokenizer(spec.model.tokenizer)
     packer = PackedContexts(
         DocumentBlocks(spec.dataset), tokenizer, spec.context_length, spec.generation_batch_size
     )
@@ -73,7 +77,7 @@ def write_block(
         written, backoff = end, 1e-4
 
 
-def generator_main(spec: StreamSpec, plan: ResumePlan, buffer: SharedRowBuffer, parent_pid: int) -> None:
+def generator_main(source: Source, plan: ResumePlan, buffer: SharedRowBuffer, parent_pid: int) -> None:
     """Entry point of the generator process."""
 
     def should_stop() -> bool:
@@ -81,10 +85,7 @@ def generator_main(spec: StreamSpec, plan: ResumePlan, buffer: SharedRowBuffer, 
 
     try:
         _quiet_libraries()
-        torch.set_num_threads(spec.threads or os.cpu_count() or 1)
-        model = load_model(spec.model, spec.dtype, spec.device)
-        tokenizer = load_tokenizer(spec.model.tokenizer)
-        for block in Loader(build_rows_graph(spec, plan, model, tokenizer)):
+        for block in Loader(source.rows_graph(plan)):
             if should_stop():
                 return
             buffer.count_computed(block.computed)
@@ -120,14 +121,14 @@ def _main_module_hidden() -> Iterator[None]:
 class GeneratorRun:
     """One pass of the stream (or its remainder, per ``plan``): a fresh shared buffer and its process."""
 
-    def __init__(self, spec: StreamSpec, size: int, plan: ResumePlan):
+    def __init__(self, source: Source, size: int, plan: ResumePlan):
         ctx = mp.get_context("spawn")
-        self.buffer = SharedRowBuffer.create(size, spec.row_shape, spec.dtype, ctx.Lock())
+        self.buffer = SharedRowBuffer.create(size, source.row_shape, source.dtype, ctx.Lock())
         # Where the generator starts, for a state saved before it writes anything.
         self.buffer.push(np.zeros(0, dtype=np.int64), next_block=tuple(int(v) for v in plan.blocks[-1]))
         self.process = ctx.Process(
             target=generator_main,
-            args=(spec, plan, self.buffer, os.getpid()),
+            args=(source, plan, self.buffer, os.getpid()),
             name="actvpipe-generator",
             daemon=True,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ class ModelSource:
 
     ref: str | PreTrainedModel
     tokenizer: Any  # hub id or directory (loaded in the generator), or a tokenizer object
+    config_hash: str = ""
 
     @property
     def name(self) -> str:
@@ -53,7 +55,8 @@ def resolve_model(model: Any, tokenizer: Any = None) -> tuple[ModelSource, Pretr
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = os.fspath(tokenizer)
         load_tokenizer(tokenizer)
-    return ModelSource(ref, tokenizer), config
+    config_hash = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+    return ModelSource(ref, tokenizer, config_hash), config
 
 
 def _load_config(ref: str) -> PretrainedConfig:

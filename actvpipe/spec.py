@@ -1,4 +1,8 @@
-"""StreamSpec: the small picklable description of what the generator process computes."""
+"""Sources: the small picklable descriptions of what a generator process produces.
+
+``StreamSpec`` runs a model over text; ``Hdf5Spec`` reads cached rows back. Both build their
+node graph inside the generator process (``rows_graph``) and describe themselves for resume.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from actvpipe.documents import DatasetSource
+from actvpipe.hdf5 import Hdf5File, Hdf5Rows
 from actvpipe.models import ModelSource
 
 
@@ -40,6 +45,12 @@ class StreamSpec:
     def rows_per_context(self) -> int:
         return self.context_length - self.first_pos
 
+    def rows_graph(self, plan):
+        """Load model and tokenizer (in the generator process) and build text -> rows per ``plan``."""
+        from actvpipe.generator import build_rows_graph
+
+        return build_rows_graph(self, plan)
+
     def fingerprint(self) -> dict[str, object]:
         """The arguments a saved state must match to be restored."""
         return {
@@ -52,5 +63,41 @@ class StreamSpec:
             "dtype": str(self.dtype),
             "seed": self.seed,
             "exclude_bos": self.exclude_bos,
+            "deterministic": self.deterministic,
+        }
+
+
+@dataclass(frozen=True)
+class Hdf5Spec:
+    """Rows read back from validated cache files, in file order, as one pass."""
+
+    files: tuple[Hdf5File, ...]
+    seed: int = 0
+    deterministic: bool = False
+
+    @property
+    def row_shape(self) -> tuple[int, int, int]:
+        return self.files[0].row_shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.files[0].dtype
+
+    @property
+    def d_model(self) -> int:
+        return self.row_shape[2]
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(self.files[0].attrs["layers"])
+
+    def rows_graph(self, plan):
+        return Hdf5Rows(self.files, plan.buffered, plan.frontier)
+
+    def fingerprint(self) -> dict[str, object]:
+        return {
+            "files": [[f.path, f.rows] for f in self.files],
+            "dtype": str(self.dtype),
+            "seed": self.seed,
             "deterministic": self.deterministic,
         }

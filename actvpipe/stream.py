@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,10 +15,11 @@ from torchdata.nodes.loader import LoaderIterator
 from actvpipe.capture import capture_modules
 from actvpipe.documents import resolve_dataset
 from actvpipe.generator import GeneratorRun
+from actvpipe.hdf5 import check_matching, expand_paths, open_cache_file
 from actvpipe.models import model_dims, resolve_model
 from actvpipe.resume import check_fingerprint
 from actvpipe.sampling import BufferBatcher, TokenBatch
-from actvpipe.spec import StreamSpec
+from actvpipe.spec import Hdf5Spec, StreamSpec
 
 GPT2_DEFAULTS = {
     "model": "openai-community/gpt2",
@@ -112,11 +115,37 @@ def _check_layers(layers: Sequence[int] | None, n_layers: int) -> tuple[int, ...
     return tuple(layers)
 
 
+def from_hdf5(
+    paths: str | os.PathLike | Sequence[str | os.PathLike], *, seed: int = 0, deterministic: bool = False
+) -> ActivationStream:
+    """A stream over cached rows (a path, a list, or a glob), validated before any work starts."""
+    files = tuple(open_cache_file(p) for p in expand_paths(paths))
+    check_matching(files[1:], files[0].attrs, f"the first file {files[0].path!r}")
+    return ActivationStream(Hdf5Spec(files, seed=seed, deterministic=deterministic))
+
+
 class ActivationStream:
     """A validated description of a stream; ``.buffer(size)`` adds the shared shuffle buffer."""
 
-    def __init__(self, spec: StreamSpec):
+    def __init__(self, spec: StreamSpec | Hdf5Spec):
         self.spec = spec
+
+    def to_hdf5(
+        self,
+        path: str | os.PathLike,
+        max_rows: int | None = None,
+        dtype: torch.dtype | None = None,
+        progress: bool = True,
+    ) -> Path:
+        """Write a finite pass (or its first ``max_rows`` rows), in generation order, to one HDF5 file.
+
+        Runs the model in this process; ``dtype`` is the storage dtype (default: the stream's).
+        """
+        if not isinstance(self.spec, StreamSpec):
+            raise TypeError("to_hdf5: this stream already reads HDF5 files; copy the files instead")
+        from actvpipe.cache import write_cache
+
+        return write_cache(self.spec, path, max_rows, dtype, progress)
 
     @property
     def row_shape(self) -> tuple[int, int, int]:
@@ -133,7 +162,7 @@ class ActivationStream:
 class BufferedStream:
     """A stream with its buffer; ``.batch(b)`` builds the loader."""
 
-    def __init__(self, spec: StreamSpec, size: int, warmup: float):
+    def __init__(self, spec: StreamSpec | Hdf5Spec, size: int, warmup: float):
         self.spec, self.size, self.warmup = spec, size, warmup
 
     def batch(self, batch_size: int, drop_last: bool = False, with_tokens: bool = False) -> ActivationLoader:

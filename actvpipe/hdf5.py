@@ -1,0 +1,248 @@
+"""HDF5 activation cache: the file format, its writer, validation, and the node that reads rows back.
+
+A file holds ``activations [N, 2, n_layers, d_model]`` (chunked by several MiB, uncompressed),
+``token_ids``, ``seq`` and ``pos`` ``[N]``, and attributes describing how the rows were made.
+float32 and float16 are stored natively; bfloat16 as its raw 16 bits (``uint16``) with
+``storage = "bfloat16-as-uint16"``. Files are written under a temporary name and renamed when
+complete, so a file that exists is whole.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torchdata.nodes import BaseNode
+
+from actvpipe.capture import RowBlock
+
+FORMAT = "actvpipe-activations/1"
+CAPTURE = "mlp_in: input of the layer norm feeding the MLP; mlp_out: output of the MLP module"
+CHUNK_BYTES = 4 << 20
+READ_BYTES = 64 << 20
+BF16_STORAGE = "bfloat16-as-uint16"
+META_DATASETS = ("token_ids", "seq", "pos")
+MATCHED_ATTRS = ("format", "capture", "layers", "d_model", "dtype")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def storage_dtype(dtype: torch.dtype) -> np.dtype:
+    """How rows of ``dtype`` are stored: natively, or bfloat16 as its raw bits."""
+    if dtype == torch.bfloat16:
+        return np.dtype(np.uint16)
+    if dtype not in (torch.float32, torch.float16, torch.float64):
+        raise ValueError(
+            f"dtype: {dtype} cannot be stored; use torch.float32, torch.float16 or torch.bfloat16"
+        )
+    return np.dtype(dtype_name(dtype))
+
+
+def to_storage(rows: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    rows = rows.to(dtype)
+    return rows.view(torch.int16).numpy().view(np.uint16) if dtype == torch.bfloat16 else rows.numpy()
+
+
+def from_storage(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+class Hdf5RowWriter:
+    """Appends row blocks to a new file under a temporary name; ``finish()`` renames it into place."""
+
+    def __init__(self, path: str | os.PathLike, row_shape: tuple[int, ...], dtype: torch.dtype, attrs: dict):
+        self.path = Path(path)
+        self.dtype = dtype
+        self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
+        self.file = h5py.File(self.tmp, "w")
+        stored = storage_dtype(dtype)
+        chunk_rows = max(1, -(-CHUNK_BYTES // (int(np.prod(row_shape)) * stored.itemsize)))
+        self.acts = self.file.create_dataset(
+            "activations",
+            (0, *row_shape),
+            stored,
+            maxshape=(None, *row_shape),
+            chunks=(chunk_rows, *row_shape),
+        )
+        self.meta = {
+            k: self.file.create_dataset(k, (0,), np.int64, maxshape=(None,), chunks=(chunk_rows,))
+            for k in META_DATASETS
+        }
+        attrs = {**attrs, "format": FORMAT, "capture": CAPTURE, "dtype": dtype_name(dtype)}
+        attrs["storage"] = BF16_STORAGE if dtype == torch.bfloat16 else "native"
+        self.file.attrs.update(attrs)
+        self.rows = 0
+
+    def write(self, block: RowBlock, limit: int | None = None) -> int:
+        """Append up to ``limit`` rows of ``block``; returns how many were written."""
+        n = len(block) if limit is None else min(limit, len(block))
+        end = self.rows + n
+        self.acts.resize(end, axis=0)
+        self.acts[self.rows : end] = to_storage(block.rows[:n], self.dtype)
+        for key, dataset in self.meta.items():
+            dataset.resize(end, axis=0)
+            dataset[self.rows : end] = block.meta[key][:n]
+        self.rows = end
+        return n
+
+    def finish(self) -> Path:
+        self.file.attrs["row_count"] = self.rows
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Hdf5File:
+    """A validated cache file: its path, row count and attributes."""
+
+    path: str
+    rows: int
+    attrs: dict[str, Any]
+
+    @property
+    def row_shape(self) -> tuple[int, int, int]:
+        return (2, len(self.attrs["layers"]), int(self.attrs["d_model"]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.attrs["dtype"])
+
+
+def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """A path, a glob pattern, or a list of either, in order; a pattern must match something."""
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    out = []
+    for item in map(os.fspath, items):
+        if glob.has_magic(item):
+            matched = sorted(glob.glob(item))
+            if not matched:
+                raise FileNotFoundError(f"hdf5: the pattern {item!r} matches no file")
+            out += matched
+        else:
+            out.append(item)
+    if not out:
+        raise ValueError("hdf5: no files given; pass a path, a list of paths or a glob pattern")
+    return out
+
+
+def open_cache_file(path: str) -> Hdf5File:
+    """Open and validate one file, naming the file and the problem on any failure."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"hdf5: no such file {path!r}")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            shapes = {k: f[k].shape for k in ("activations", *META_DATASETS) if k in f}
+    except OSError as exc:
+        raise ValueError(
+            f"hdf5: {path!r} is not a readable HDF5 file (corrupt or truncated?): {exc}"
+        ) from exc
+    if attrs.get("format") != FORMAT:
+        raise ValueError(
+            f"hdf5: {path!r} is not an actvpipe activation file (format {attrs.get('format')!r})"
+        )
+    missing = [k for k in ("activations", *META_DATASETS) if k not in shapes]
+    if missing:
+        raise ValueError(f"hdf5: {path!r} lacks datasets {missing}; the file is damaged, write it again")
+    rows = shapes["activations"][0]
+    if attrs.get("row_count") != rows or any(shapes[k] != (rows,) for k in META_DATASETS):
+        raise ValueError(
+            f"hdf5: {path!r} is truncated or incomplete: row_count={attrs.get('row_count')} but "
+            f"activations has {rows} rows; write it again"
+        )
+    file = Hdf5File(path, rows, attrs)
+    if shapes["activations"][1:] != file.row_shape:
+        raise ValueError(
+            f"hdf5: {path!r} has rows {shapes['activations'][1:]}, its attributes say {file.row_shape}"
+        )
+    return file
+
+
+def check_matching(files: Sequence[Hdf5File], expected: dict[str, Any], what: str) -> None:
+    """Every file must match ``expected`` (attributes of the first file, or of a live stream)."""
+    for file in files:
+        diffs = [
+            f"{k}: {file.attrs.get(k)!r} vs {expected.get(k)!r}"
+            for k in MATCHED_ATTRS
+            if k in expected and file.attrs.get(k) != expected[k]
+        ]
+        if diffs:
+            raise ValueError(f"hdf5: {file.path!r} does not match {what}: {'; '.join(diffs)}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class Hdf5Rows(BaseNode[RowBlock]):
+    """Reads files' rows in large contiguous slices, in order, as one pass with row ids across files.
+
+    With a resume plan it first reads back the saved buffered rows, then continues at the frontier.
+    """
+
+    def __init__(self, files: Sequence[Hdf5File], buffered: np.ndarray, frontier: int):
+        super().__init__()
+        self.files = list(files)
+        self.starts = np.cumsum([0] + [f.rows for f in self.files])
+        self.buffered = buffered
+        self.frontier = frontier
+        row_bytes = int(np.prod(self.files[0].row_shape)) * storage_dtype(self.files[0].dtype).itemsize
+        self.read_rows = max(1, READ_BYTES // row_bytes)
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        self._handles = [h5py.File(f.path, "r") for f in self.files]
+        self._ranges = iter(self._plan_ranges())
+
+    def _plan_ranges(self):
+        """(start, stop) global row ranges: runs of buffered rows, then the rest of the pass."""
+        ids = self.buffered
+        if len(ids):
+            breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+            for run in np.split(ids, breaks):
+                yield from self._split(int(run[0]), int(run[-1]) + 1)
+        yield from self._split(self.frontier, int(self.starts[-1]))
+
+    def _split(self, start: int, stop: int):
+        """Cut a global range at file boundaries and at ``read_rows``."""
+        while start < stop:
+            i = int(np.searchsorted(self.starts, start, side="right")) - 1
+            end = min(stop, int(self.starts[i + 1]), start + self.read_rows)
+            yield start, end
+            start = end
+
+    def next(self) -> RowBlock:
+        start, stop = next(self._ranges)
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        f, a, b = self._handles[i], start - int(self.starts[i]), stop - int(self.starts[i])
+        acts = f["activations"]
+        out = np.empty((stop - start, *acts.shape[1:]), dtype=acts.dtype)
+        acts.read_direct(out, np.s_[a:b])
+        n = stop - start
+        meta = {k: f[k][a:b] for k in META_DATASETS}
+        meta["row_id"] = np.arange(start, stop, dtype=np.int64)
+        meta.update({k: np.zeros(n, dtype=np.int64) for k in ("block_seq", "block_record", "block_offset")})
+        return RowBlock(from_storage(out, self.files[i].dtype), meta, computed=n)
+
+    def get_state(self) -> dict[str, Any]:
+        return {}
