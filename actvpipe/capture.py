@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,15 +41,18 @@ class RowBlock:
     """Rows ``[n, 2, n_layers, d_model]`` with per-row ``meta``: ``row_id`` (position in the pass's
     generation order), ``seq``, ``pos``, ``token_ids``, and the start ``block_seq``/``block_record``/
     ``block_offset`` of the block that produced it. ``next_block`` says where the following block
-    starts, when the producer can restart there."""
+    starts, when the producer can restart there. A block read from disk has no ``rows`` tensor but
+    ``read_into(dest, lo, hi)``, which reads its rows ``lo:hi`` straight into ``dest`` (a uint8 array
+    over whole rows), so they can land in the shared buffer without an intermediate copy."""
 
-    rows: torch.Tensor
+    rows: torch.Tensor | None
     meta: dict[str, np.ndarray]
     next_block: tuple[int, int, int] | None = None
     computed: int = 0  # rows the model produced for this block, before any resume filtering
+    read_into: Callable[[np.ndarray, int, int], None] | None = None
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.meta["row_id"])
 
     def select(self, keep: np.ndarray) -> RowBlock:
         index = torch.from_numpy(np.flatnonzero(keep))

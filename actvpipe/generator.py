@@ -70,7 +70,7 @@ def write_block(
             backoff = min(2 * backoff, 0.005)
             continue
         end = written + len(slots)
-        buffer.write(slots, block.rows[written:end], {k: v[written:end] for k, v in block.meta.items()})
+        buffer.write(slots, block, written, end)
         buffer.push(slots, next_block if end == len(block) else None)
         if end == len(block):
             return

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from actvpipe.capture import RowBlock
 from actvpipe.sampling import remove_positions, sample_positions
 
 SHM_DIR = "/dev/shm"
@@ -118,10 +119,19 @@ class SharedRowBuffer:
             self._set("n_free", n_free - k)
         return slots
 
-    def write(self, slots: np.ndarray, rows: torch.Tensor, meta: dict[str, np.ndarray]) -> None:
-        """Copy rows and their provenance into claimed slots (no lock: the slots are ours)."""
+    def write(self, slots: np.ndarray, block: RowBlock, lo: int, hi: int) -> None:
+        """Copy rows ``lo:hi`` of ``block`` and their provenance into claimed slots (no lock: the
+        slots are ours). Disk blocks read straight into the buffer when the slots are contiguous."""
         index = torch.from_numpy(slots)
-        self.rows.index_copy_(0, index, rows.to(self.dtype))
+        if block.read_into is None:
+            self.rows.index_copy_(0, index, block.rows[lo:hi].to(self.dtype))
+        elif np.all(np.diff(slots) == 1):
+            block.read_into(self.rows[slots[0] : slots[0] + len(slots)].view(torch.uint8).numpy(), lo, hi)
+        else:
+            staged = torch.empty((hi - lo, *self.row_shape), dtype=self.dtype)
+            block.read_into(staged.view(torch.uint8).numpy(), lo, hi)
+            self.rows.index_copy_(0, index, staged)
+        meta = {k: v[lo:hi] for k, v in block.meta.items()}
         for key, values in meta.items():
             self.meta[key].index_copy_(0, index, torch.from_numpy(values))
 
