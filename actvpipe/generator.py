@@ -15,7 +15,7 @@ import time
 import traceback
 import types
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -54,15 +54,18 @@ def build_rows_graph(spec: StreamSpec, plan: ResumePlan) -> BaseNode[RowBlock]:
 
 
 def write_block(
-    buffer: SharedRowBuffer, block: RowBlock, next_block: tuple | None, should_stop: Callable
+    buffer: SharedRowBuffer, block: RowBlock, next_block: tuple | None, should_stop: Callable, source: int = 0
 ) -> None:
-    """Copy a block into free slots as they become available, pushing each piece to the FIFO as it lands.
+    """Copy a block into free slots as they become available, pushing each piece to the source's FIFO.
 
-    ``next_block`` (seq, record, offset), recorded with the last piece, says where the next block starts.
+    At most ``cap`` of the source's rows wait unpublished, so one fast source cannot take every free
+    slot from another. ``next_block`` (seq, record, offset), pushed with the last piece, says where
+    the next block starts.
     """
     written, backoff = 0, 1e-4
     while True:
-        slots = buffer.claim(len(block) - written)
+        room = buffer.get("cap", source) - buffer.pending(source)
+        slots = buffer.claim(min(len(block) - written, max(room, 0)))
         if len(slots) == 0 and written < len(block):
             if should_stop():
                 raise _Stopped
@@ -70,15 +73,17 @@ def write_block(
             backoff = min(2 * backoff, 0.005)
             continue
         end = written + len(slots)
-        buffer.write(slots, block, written, end)
-        buffer.push(slots, next_block if end == len(block) else None)
+        buffer.write(slots, block, written, end, source)
+        buffer.push(slots, next_block if end == len(block) else None, source)
         if end == len(block):
             return
         written, backoff = end, 1e-4
 
 
-def generator_main(source: Source, plan: ResumePlan, buffer: SharedRowBuffer, parent_pid: int) -> None:
-    """Entry point of the generator process."""
+def generator_main(
+    source: Source, plan: ResumePlan, buffer: SharedRowBuffer, parent_pid: int, index: int
+) -> None:
+    """Entry point of a generator process: fills the buffer as its source number ``index``."""
 
     def should_stop() -> bool:
         return buffer.stop_requested() or os.getppid() != parent_pid
@@ -88,9 +93,9 @@ def generator_main(source: Source, plan: ResumePlan, buffer: SharedRowBuffer, pa
         for block in Loader(source.rows_graph(plan)):
             if should_stop():
                 return
-            buffer.count_computed(block.computed)
-            write_block(buffer, block, block.next_block, should_stop)
-        buffer.finish()
+            buffer.count_computed(block.computed, index)
+            write_block(buffer, block, block.next_block, should_stop, index)
+        buffer.finish(index)
     except _Stopped:
         return
     except BaseException:
@@ -119,47 +124,59 @@ def _main_module_hidden() -> Iterator[None]:
 
 
 class GeneratorRun:
-    """One pass of the stream (or its remainder, per ``plan``): a fresh shared buffer and its process."""
+    """One pass (or its remainder, per the plans): a fresh shared buffer and one process per source."""
 
-    def __init__(self, source: Source, size: int, plan: ResumePlan):
+    def __init__(
+        self, sources: Sequence[Source], size: int, plans: Sequence[ResumePlan], caps: Sequence[int]
+    ):
         ctx = mp.get_context("spawn")
-        self.buffer = SharedRowBuffer.create(size, source.row_shape, source.dtype, ctx.Lock())
-        # Where the generator starts, for a state saved before it writes anything.
-        self.buffer.push(np.zeros(0, dtype=np.int64), next_block=tuple(int(v) for v in plan.blocks[-1]))
-        self.process = ctx.Process(
-            target=generator_main,
-            args=(source, plan, self.buffer, os.getpid()),
-            name="actvpipe-generator",
-            daemon=True,
-        )
-        self._finalizer = weakref.finalize(self, _shutdown, self.buffer, self.process)
+        dtype, row_shape = sources[0].dtype, sources[0].row_shape
+        self.buffer = SharedRowBuffer.create(size, row_shape, dtype, ctx.Lock(), n_sources=len(sources))
+        self.processes = []
+        for index, (source, plan, cap) in enumerate(zip(sources, plans, caps, strict=True)):
+            self.buffer._set("cap", cap, index)
+            # Where the source starts, for a state saved before it writes anything.
+            start = tuple(int(v) for v in plan.blocks[-1])
+            self.buffer.push(np.zeros(0, dtype=np.int64), next_block=start, source=index)
+            args = (source, plan, self.buffer, os.getpid(), index)
+            name = f"actvpipe-generator-{index}"
+            self.processes.append(ctx.Process(target=generator_main, args=args, name=name, daemon=True))
+        self._finalizer = weakref.finalize(self, _shutdown, self.buffer, self.processes)
         with _main_module_hidden():
-            self.process.start()
+            for process in self.processes:
+                process.start()
         self.used = False
 
+    @property
+    def process(self) -> mp.Process:
+        """The first source's generator process."""
+        return self.processes[0]
+
     def check_alive(self) -> None:
-        """Raise ``GeneratorError`` if the generator failed or died before finishing its pass."""
+        """Raise ``GeneratorError`` if a generator failed or died before finishing its pass."""
         text = self.buffer.error_text()
         if text is not None:
             raise GeneratorError(f"the actvpipe generator process failed:\n{text}")
-        if not self.process.is_alive() and not self.buffer.done():
-            code = self.process.exitcode
-            how = (
-                f"signal {signal.Signals(-code).name}"
-                if code is not None and code < 0
-                else f"exit code {code}"
-            )
-            raise GeneratorError(f"the actvpipe generator process died ({how}) before finishing its pass")
+        for index, process in enumerate(self.processes):
+            if not process.is_alive() and not self.buffer.done(index):
+                code = process.exitcode
+                how = (
+                    f"signal {signal.Signals(-code).name}"
+                    if code is not None and code < 0
+                    else f"exit code {code}"
+                )
+                raise GeneratorError(f"the actvpipe generator process died ({how}) before finishing its pass")
 
     def close(self) -> None:
         self._finalizer()
 
 
-def _shutdown(buffer: SharedRowBuffer, process: mp.Process) -> None:
+def _shutdown(buffer: SharedRowBuffer, processes: list[mp.Process]) -> None:
     buffer.request_stop()
-    if process.pid is not None:
-        process.join(timeout=5)
-        if process.is_alive():
-            process.kill()
+    for process in processes:
+        if process.pid is not None:
             process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)
     buffer.unlink()

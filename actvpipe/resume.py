@@ -99,33 +99,41 @@ class RowFilter(BaseNode[RowBlock]):
 
 def make_state(
     fingerprint: dict[str, Any],
-    frontier: int,
+    frontiers: list[int],
     buffered_meta: dict[str, np.ndarray],
-    continuation: tuple[int, int, int],
+    continuations: list[tuple[int, int, int]],
     sampler: dict[str, Any],
 ) -> dict[str, Any]:
-    """The saved state: a few integers plus 4 or 8 bytes per buffered row (never the rows)."""
-    ids = buffered_meta["row_id"]
-    blocks = np.stack([buffered_meta[k] for k in ("block_seq", "block_record", "block_offset")], axis=1)
-    blocks = np.concatenate([blocks, np.array([continuation], dtype=np.int64)])
-    blocks = np.unique(blocks, axis=0)
+    """The saved state: a few integers per source plus 5 to 9 bytes per buffered row (never the rows)."""
+    ids, sources = buffered_meta["row_id"], buffered_meta["source"]
+    all_blocks = np.stack([buffered_meta[k] for k in ("block_seq", "block_record", "block_offset")], axis=1)
+    blocks = []
+    for k, continuation in enumerate(continuations):
+        mine = np.concatenate([all_blocks[sources == k], np.array([continuation], dtype=np.int64)])
+        blocks.append(torch.from_numpy(np.unique(mine, axis=0)))
     base = int(ids.min()) if len(ids) else 0
     small = len(ids) == 0 or int(ids.max()) - base < 2**31
     return {
         "fingerprint": {**fingerprint, "state_version": STATE_VERSION},
-        "frontier": int(frontier),
+        "frontiers": [int(f) for f in frontiers],
         "buffered_base": base,
         "buffered": torch.from_numpy((ids - base).astype(np.int32 if small else np.int64)),
-        "blocks": torch.from_numpy(blocks.astype(np.int64)),
+        "buffered_source": torch.from_numpy(sources.astype(np.uint8)),
+        "blocks": blocks,
         **sampler,
     }
 
 
-def plan_from_state(state: dict[str, Any]) -> tuple[ResumePlan, np.ndarray]:
-    """The generator's plan, and the buffered row ids in the saved buffer order."""
-    order = state["buffered"].numpy().astype(np.int64) + state["buffered_base"]
-    plan = ResumePlan(state["frontier"], np.sort(order), state["blocks"].numpy())
-    return plan, order
+def plans_from_state(state: dict[str, Any]) -> tuple[list[ResumePlan], np.ndarray]:
+    """Each source's plan, and the buffered rows' keys (``row_id * n_sources + source``) in buffer order."""
+    ids = state["buffered"].numpy().astype(np.int64) + state["buffered_base"]
+    sources = state["buffered_source"].numpy().astype(np.int64)
+    n = len(state["frontiers"])
+    plans = [
+        ResumePlan(frontier, np.sort(ids[sources == k]), state["blocks"][k].numpy())
+        for k, frontier in enumerate(state["frontiers"])
+    ]
+    return plans, ids * n + sources
 
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any]) -> None:

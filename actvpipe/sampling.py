@@ -1,8 +1,9 @@
-"""Uniform sampling of buffered rows in O(batch): pure index functions, and the node that serves batches."""
+"""The node that serves batches of uniformly random buffered rows, and what a batch with provenance holds."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,37 +11,9 @@ import numpy as np
 import torch
 from torchdata.nodes import BaseNode
 
-from actvpipe.resume import ResumePlan, check_fingerprint, make_state, order_slots, plan_from_state
-from actvpipe.spec import StreamSpec
-
-
-def sample_positions(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
-    """``min(k, n)`` distinct positions drawn uniformly from ``range(n)``, in random order, in O(k).
-
-    Draws with replacement and keeps the distinct values (a uniformly random subset by symmetry),
-    topping up until there are enough; when ``k`` is over half of ``n``, ``n`` is O(k) anyway.
-    """
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    if 2 * k > n:
-        return rng.permutation(n)[:k]
-    picked = np.unique(rng.integers(0, n, size=k + k // 8 + 8))
-    while len(picked) < k:
-        picked = np.unique(np.concatenate([picked, rng.integers(0, n, size=k - len(picked) + 8)]))
-    return rng.permutation(picked)[:k]
-
-
-def remove_positions(slots: np.ndarray, n: int, positions: np.ndarray) -> None:
-    """Remove ``positions`` from the dense list ``slots[:n]`` in O(len(positions)), keeping it dense.
-
-    Holes below the new end are filled with the unselected entries of the tail.
-    """
-    k = len(positions)
-    tail = n - k
-    in_tail = positions >= tail
-    keep = np.ones(k, dtype=bool)
-    keep[positions[in_tail] - tail] = False
-    slots[positions[~in_tail]] = slots[tail:n][keep]
+from actvpipe.generator import GeneratorRun
+from actvpipe.resume import ResumePlan, check_fingerprint, make_state, order_slots, plans_from_state
+from actvpipe.spec import Hdf5Spec, StreamSpec
 
 
 @dataclass
@@ -58,57 +31,72 @@ class TokenBatch:
 
 
 class BufferBatcher(BaseNode):
-    """Serves batches of uniformly random buffered rows from a running generator, with exact state.
+    """Serves batches of uniformly random buffered rows from running generators, with exact state.
 
-    Each ``reset`` without state starts a fresh pass (a new generator) unless the current one has
-    not served anything yet, so ``start()`` followed by iteration uses the started generator. The
-    trainer publishes the generator's written rows into the sampleable set: all of them at once by
-    default, or in deterministic mode exactly up to the fill threshold, so that which rows a batch
-    is drawn from never depends on timing.
+    Each ``reset`` without state starts a fresh pass (new generators) unless the current one has not
+    served anything yet, so ``start()`` followed by iteration uses the started generators. The
+    trainer publishes each source's written rows into the sampleable set: all at once by default;
+    for a second (disk) source at ``fraction`` of the published rows, beyond the warm-up fill; in
+    deterministic mode exactly up to the fill threshold, so which rows a batch is drawn from never
+    depends on timing.
     """
 
     def __init__(
         self,
-        spec: StreamSpec,
+        sources: Sequence[StreamSpec | Hdf5Spec],
         size: int,
-        launch,
         batch_size: int,
         drop_last: bool,
         min_fill: int,
         with_tokens: bool,
+        fraction: float | None = None,
     ):
         super().__init__()
-        self.spec = spec
+        self.sources = list(sources)
         self.size = size
-        self.launch = launch
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.min_fill = max(min_fill, batch_size)
         self.with_tokens = with_tokens
+        self.fraction = fraction
+        self.deterministic = self.sources[0].deterministic
         self.run = None
         self._pass = 0
 
     def fingerprint(self) -> dict[str, Any]:
-        return {**self.spec.fingerprint(), "buffer_size": self.size, "min_fill": self.min_fill}
+        out = dict(self.sources[0].fingerprint())
+        for k, source in enumerate(self.sources[1:], 1):
+            out.update({f"source{k}.{key}": v for key, v in source.fingerprint().items()})
+        return {**out, "buffer_size": self.size, "min_fill": self.min_fill, "hdf5_fraction": self.fraction}
+
+    def caps(self) -> list[int]:
+        """Rows each source may hold written but unpublished: a rationed disk source gets a quarter."""
+        return [self.size] + [self.size if self.fraction is None else max(1, self.size // 4)] * (
+            len(self.sources) - 1
+        )
 
     def start(self, state: dict | None = None) -> None:
-        """Launch a generator for the next pass (or for the rest of a saved one) unless one waits unused."""
+        """Launch generators for the next pass (or for the rest of a saved one) unless some wait unused."""
         if state is None and self.run is not None and not self.run.used:
             return
         self.close()
         if state is None:
             self._pass += 1
-            plan, self._restoring = ResumePlan.fresh(), None
-            self._rng = np.random.default_rng([self.spec.seed, self._pass])
-            self._batches, self._frontier = 0, 0
+            plans, self._restoring = [ResumePlan.fresh() for _ in self.sources], None
+            self._rng = np.random.default_rng([self.sources[0].seed, self._pass])
+            self._batches, self._frontiers = 0, [0] * len(self.sources)
         else:
             check_fingerprint(state["fingerprint"], self.fingerprint())
-            plan, order = plan_from_state(state)
-            self._restoring = (state, order)
+            plans, order = plans_from_state(state)
+            self._restoring = (state, order, [len(p.buffered) for p in plans])
             self._rng = np.random.default_rng()
             self._rng.bit_generator.state = state["rng"]
-            self._pass, self._batches, self._frontier = state["pass"], state["batches"], state["frontier"]
-        self.run = self.launch(plan)
+            self._pass, self._batches, self._frontiers = (
+                state["pass"],
+                state["batches"],
+                list(state["frontiers"]),
+            )
+        self.run = GeneratorRun(self.sources, self.size, plans, self.caps())
 
     def close(self) -> None:
         if self.run is not None:
@@ -127,24 +115,40 @@ class BufferBatcher(BaseNode):
             backoff = min(backoff * 2, 0.005)
 
     def _finish_restore(self) -> None:
-        """Place the regenerated buffered rows (the generator writes them first) in the saved order."""
-        _, order = self._restoring
+        """Place the regenerated buffered rows (each source writes them first) in the saved order."""
+        _, order, counts = self._restoring
         buffer = self.run.buffer
-        self._wait(lambda: buffer.pending() >= len(order) or buffer.done())
-        slots = buffer.pop_written(len(order))
+        pieces = []
+        for k, count in enumerate(counts):
+            self._wait(lambda k=k, count=count: buffer.pending(k) >= count or buffer.done(k))
+            pieces.append(buffer.pop_written(count, k))
+        slots = np.concatenate(pieces)
         meta = buffer.meta_of(slots)
-        buffer.append_full(order_slots(slots, meta["row_id"], order))
+        keys = meta["row_id"] * len(self.sources) + meta["source"]
+        buffer.append_full(order_slots(slots, keys, order))
         self._restoring = None
+
+    def _allowance(self, k: int, done: list[bool]) -> int:
+        """How many of source ``k``'s written rows may be published now."""
+        buffer = self.run.buffer
+        if self.deterministic:
+            return self.min_fill - buffer.fill()
+        if k == 0 or self.fraction is None or (done[0] and buffer.pending(0) == 0):
+            return self.size
+        if buffer.fill() < self.min_fill and buffer.get("n_free") == 0:
+            return self.size  # every slot is taken: the fraction yields rather than stall
+        quota = int(self.fraction * buffer.total("published")) + self.min_fill
+        return quota - buffer.get("published", k)
 
     def _ready_to_serve(self) -> bool:
         buffer = self.run.buffer
-        done = buffer.done()  # read first: the generator pushes its last rows, then sets done
-        room = self.min_fill - buffer.fill() if self.spec.deterministic else self.size
-        self._frontier += buffer.publish(room)
+        done = [buffer.done(k) for k in range(len(self.sources))]  # first: rows are pushed, then done
+        for k in range(len(self.sources)):
+            self._frontiers[k] += buffer.publish(self._allowance(k, done), k)
         fill = buffer.fill()
         if fill >= self.min_fill:
             return True
-        if done and buffer.pending() == 0:
+        if all(done) and all(buffer.pending(k) == 0 for k in range(len(self.sources))):
             if fill == 0 or (self.drop_last and fill < self.batch_size):
                 raise StopIteration
             return True
@@ -171,4 +175,5 @@ class BufferBatcher(BaseNode):
         buffer = self.run.buffer
         sampler = {"rng": self._rng.bit_generator.state, "pass": self._pass, "batches": self._batches}
         full = buffer.meta_of(buffer.full[: buffer.fill()])
-        return make_state(self.fingerprint(), self._frontier, full, buffer.continuation(), sampler)
+        continuations = [buffer.continuation(k) for k in range(len(self.sources))]
+        return make_state(self.fingerprint(), self._frontiers, full, continuations, sampler)

@@ -19,76 +19,86 @@ import numpy as np
 import torch
 
 from actvpipe.capture import RowBlock
-from actvpipe.sampling import remove_positions, sample_positions
+from actvpipe.slots import remove_positions, sample_positions
 
 SHM_DIR = "/dev/shm"
-# fmt: off
-HEADER = (
-    "n_full", "n_free", "done", "failed", "stop", "written", "published", "served", "computed", "error_len",
-    "next_block_seq", "next_block_record", "next_block_offset",
-)
-# fmt: on
+NEXT_BLOCK = ("next_block_seq", "next_block_record", "next_block_offset")
+HEADER = ("n_full", "n_free", "failed", "stop", "served", "error_len")
+# Each source (a generator process) has its own FIFO and these counters, from header index 16 on.
+SOURCE_FIELDS = ("written", "published", "done", "computed", "cap", *NEXT_BLOCK)
+MAX_SOURCES = 4
 HEADER_BYTES = 512
 ERROR_BYTES = 64 * 1024
-NEXT_BLOCK = ("next_block_seq", "next_block_record", "next_block_offset")
-META = ("row_id", "seq", "pos", "token_ids", "block_seq", "block_record", "block_offset")
+META = ("row_id", "source", "seq", "pos", "token_ids", "block_seq", "block_record", "block_offset")
 
 
-def _layout(size: int) -> tuple[dict[str, int], int]:
+def _layout(size: int, n_sources: int) -> tuple[dict[str, int], int]:
     offsets, at = {}, HEADER_BYTES + ERROR_BYTES
-    for name in ("full", "free", "fifo", *META):
+    for name in ("full", "free", *(f"fifo{k}" for k in range(n_sources)), *META):
         offsets[name] = at
         at += 8 * size
     offsets["rows"] = at
     return offsets, at
 
 
-def buffer_nbytes(size: int, row_shape: tuple[int, ...], dtype: torch.dtype) -> int:
+def buffer_nbytes(size: int, row_shape: tuple[int, ...], dtype: torch.dtype, n_sources: int = 1) -> int:
     """Bytes of shared memory a buffer of ``size`` rows takes, index lists included."""
     row_bytes = int(np.prod(row_shape)) * torch.empty((), dtype=dtype).element_size()
-    return _layout(size)[1] + size * row_bytes
+    return _layout(size, n_sources)[1] + size * row_bytes
 
 
 class SharedRowBuffer:
     """``size`` rows ``row_shape`` of ``dtype`` in named shared memory; pickles as its name and shape only."""
 
-    def __init__(self, name: str, size: int, row_shape: tuple[int, ...], dtype: torch.dtype, lock: Any):
-        self.name, self.size, self.row_shape, self.dtype, self.lock = (
-            name,
-            size,
-            tuple(row_shape),
-            dtype,
-            lock,
-        )
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        row_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        lock: Any,
+        n_sources: int = 1,
+    ):
+        self.name, self.size, self.row_shape, self.dtype = name, size, tuple(row_shape), dtype
+        self.lock, self.n_sources = lock, n_sources
         self._shm: SharedMemory | None = None
-        nbytes = buffer_nbytes(size, self.row_shape, dtype)
+        nbytes = buffer_nbytes(size, self.row_shape, dtype, n_sources)
         block = torch.from_file(os.path.join(SHM_DIR, name), shared=True, size=nbytes, dtype=torch.uint8)
-        offsets, rows_at = _layout(size)
+        offsets, rows_at = _layout(size, n_sources)
         self.header = block[:HEADER_BYTES].view(torch.int64).numpy()
         self._error = block[HEADER_BYTES : HEADER_BYTES + ERROR_BYTES].numpy()
-        slot_arrays = {
-            k: block[at : at + 8 * size].view(torch.int64) for k, at in offsets.items() if k != "rows"
-        }
-        self.full, self.free, self.fifo = (slot_arrays[k].numpy() for k in ("full", "free", "fifo"))
-        self.meta = {k: slot_arrays[k] for k in META}
+        arrays = {k: block[at : at + 8 * size].view(torch.int64) for k, at in offsets.items() if k != "rows"}
+        self.full, self.free = arrays["full"].numpy(), arrays["free"].numpy()
+        self.fifos = [arrays[f"fifo{k}"].numpy() for k in range(n_sources)]
+        self.meta = {k: arrays[k] for k in META}
         self.rows = block[rows_at:].view(dtype).view(size, *self.row_shape)
 
     @classmethod
-    def create(cls, size: int, row_shape: tuple[int, ...], dtype: torch.dtype, lock: Any) -> SharedRowBuffer:
+    def create(
+        cls, size: int, row_shape: tuple[int, ...], dtype: torch.dtype, lock: Any, n_sources: int = 1
+    ) -> SharedRowBuffer:
         """Allocate a new block (pages are touched only when written) with every slot free."""
         if not os.path.isdir(SHM_DIR):
             raise OSError(f"{SHM_DIR} not found: actvpipe's shared buffer needs Linux POSIX shared memory")
+        if not 1 <= n_sources <= MAX_SOURCES:
+            raise ValueError(f"a buffer takes 1 to {MAX_SOURCES} sources, not {n_sources}")
         name = f"actvpipe_{os.getpid()}_{secrets.token_hex(6)}"
-        shm = SharedMemory(name=name, create=True, size=buffer_nbytes(size, tuple(row_shape), dtype))
+        nbytes = buffer_nbytes(size, tuple(row_shape), dtype, n_sources)
+        shm = SharedMemory(name=name, create=True, size=nbytes)
         shm.close()
-        buffer = cls(name, size, row_shape, dtype, lock)
+        buffer = cls(name, size, row_shape, dtype, lock, n_sources)
         buffer._shm = shm
         buffer.free[:] = np.arange(size)
         buffer._set("n_free", size)
+        for k in range(n_sources):
+            buffer._set("cap", size, k)
         return buffer
 
     def __reduce__(self):
-        return (SharedRowBuffer, (self.name, self.size, self.row_shape, self.dtype, self.lock))
+        return (
+            SharedRowBuffer,
+            (self.name, self.size, self.row_shape, self.dtype, self.lock, self.n_sources),
+        )
 
     def unlink(self) -> None:
         """Remove the block's name (owner only); the memory goes once every mapping is gone."""
@@ -97,17 +107,26 @@ class SharedRowBuffer:
                 self._shm.unlink()
             self._shm = None
 
-    def get(self, field: str) -> int:
-        return int(self.header[HEADER.index(field)])
+    @staticmethod
+    def _index(field: str, source: int | None) -> int:
+        return HEADER.index(field) if source is None else 16 + 8 * source + SOURCE_FIELDS.index(field)
 
-    def _set(self, field: str, value: int) -> None:
-        self.header[HEADER.index(field)] = value
+    def get(self, field: str, source: int | None = None) -> int:
+        """A global counter, or with ``source`` one of that source's (see ``SOURCE_FIELDS``)."""
+        return int(self.header[self._index(field, source)])
+
+    def total(self, field: str) -> int:
+        """A per-source counter summed over the sources."""
+        return sum(self.get(field, k) for k in range(self.n_sources))
+
+    def _set(self, field: str, value: int, source: int | None = None) -> None:
+        self.header[self._index(field, source)] = value
 
     def fill(self) -> int:
         return self.get("n_full")
 
-    def done(self) -> bool:
-        return bool(self.get("done"))
+    def done(self, source: int = 0) -> bool:
+        return bool(self.get("done", source))
 
     # generator side
     def claim(self, k: int) -> np.ndarray:
@@ -119,7 +138,7 @@ class SharedRowBuffer:
             self._set("n_free", n_free - k)
         return slots
 
-    def write(self, slots: np.ndarray, block: RowBlock, lo: int, hi: int) -> None:
+    def write(self, slots: np.ndarray, block: RowBlock, lo: int, hi: int, source: int = 0) -> None:
         """Copy rows ``lo:hi`` of ``block`` and their provenance into claimed slots (no lock: the
         slots are ours). Disk blocks read straight into the buffer when the slots are contiguous."""
         index = torch.from_numpy(slots)
@@ -132,22 +151,25 @@ class SharedRowBuffer:
             block.read_into(staged.view(torch.uint8).numpy(), lo, hi)
             self.rows.index_copy_(0, index, staged)
         meta = {k: v[lo:hi] for k, v in block.meta.items()}
+        meta["source"] = np.full(hi - lo, source, dtype=np.int64)
         for key, values in meta.items():
             self.meta[key].index_copy_(0, index, torch.from_numpy(values))
 
-    def push(self, slots: np.ndarray, next_block: tuple[int, int, int] | None = None) -> None:
-        """Append written slots to the FIFO; at the end of a block, record where the next one starts."""
+    def push(
+        self, slots: np.ndarray, next_block: tuple[int, int, int] | None = None, source: int = 0
+    ) -> None:
+        """Append written slots to the source's FIFO; at a block's end, record where the next one starts."""
         with self.lock:
-            written = self.get("written")
-            self.fifo[(written + np.arange(len(slots))) % self.size] = slots
-            self._set("written", written + len(slots))
+            written = self.get("written", source)
+            self.fifos[source][(written + np.arange(len(slots))) % self.size] = slots
+            self._set("written", written + len(slots), source)
             if next_block is not None:
                 for field, value in zip(NEXT_BLOCK, next_block, strict=True):
-                    self._set(field, value)
+                    self._set(field, value, source)
 
-    def count_computed(self, rows: int) -> None:
-        """Add to the number of rows the model has produced (filtered-out regenerated rows included)."""
-        self._set("computed", self.get("computed") + rows)
+    def count_computed(self, rows: int, source: int = 0) -> None:
+        """Add to the rows the source has produced (filtered-out regenerated rows included)."""
+        self._set("computed", self.get("computed", source) + rows, source)
 
     def request_stop(self) -> None:
         """Ask the generator to stop at its next check (training side)."""
@@ -156,8 +178,8 @@ class SharedRowBuffer:
     def stop_requested(self) -> bool:
         return bool(self.get("stop"))
 
-    def finish(self) -> None:
-        self._set("done", 1)
+    def finish(self, source: int = 0) -> None:
+        self._set("done", 1, source)
 
     def fail(self, text: str) -> None:
         data = text.encode()[-ERROR_BYTES:]
@@ -171,17 +193,17 @@ class SharedRowBuffer:
         return self._error[: self.get("error_len")].tobytes().decode(errors="replace")
 
     # trainer side
-    def pending(self) -> int:
-        """Rows written by the generator and not yet published."""
-        return self.get("written") - self.get("published")
+    def pending(self, source: int = 0) -> int:
+        """Rows written by the source and not yet published."""
+        return self.get("written", source) - self.get("published", source)
 
-    def pop_written(self, max_rows: int) -> np.ndarray:
-        """Remove up to ``max_rows`` of the oldest slots from the FIFO, in generation order."""
+    def pop_written(self, max_rows: int, source: int = 0) -> np.ndarray:
+        """Remove up to ``max_rows`` of the source's oldest written slots, in generation order."""
         with self.lock:  # also orders the generator's FIFO stores before our reads
-            published = self.get("published")
-            k = max(0, min(max_rows, self.get("written") - published))
-            slots = self.fifo[(published + np.arange(k)) % self.size]
-            self._set("published", published + k)
+            published = self.get("published", source)
+            k = max(0, min(max_rows, self.get("written", source) - published))
+            slots = self.fifos[source][(published + np.arange(k)) % self.size]
+            self._set("published", published + k, source)
         return slots
 
     def append_full(self, slots: np.ndarray) -> None:
@@ -190,20 +212,20 @@ class SharedRowBuffer:
         self.full[n_full : n_full + len(slots)] = slots
         self._set("n_full", n_full + len(slots))
 
-    def publish(self, max_rows: int) -> int:
-        """Move up to ``max_rows`` written slots, oldest first, into the full list; returns how many."""
-        slots = self.pop_written(max_rows)
+    def publish(self, max_rows: int, source: int = 0) -> int:
+        """Move up to ``max_rows`` of the source's written slots, oldest first, into the full list."""
+        slots = self.pop_written(max_rows, source)
         self.append_full(slots)
         return len(slots)
 
-    def continuation(self) -> tuple[int, int, int]:
-        """(seq, record, offset) starting the block of the oldest unpublished row, or of the block the
-        generator writes next when every written row is published (read as one snapshot)."""
+    def continuation(self, source: int = 0) -> tuple[int, int, int]:
+        """(seq, record, offset) starting the block of the source's oldest unpublished row, or of the
+        block it writes next when every written row is published (read as one snapshot)."""
         with self.lock:
-            if self.pending() > 0:
-                slot = self.fifo[self.get("published") % self.size]
+            if self.pending(source) > 0:
+                slot = self.fifos[source][self.get("published", source) % self.size]
                 return tuple(int(self.meta[k][slot]) for k in ("block_seq", "block_record", "block_offset"))
-            return tuple(self.get(f) for f in NEXT_BLOCK)
+            return tuple(self.get(f, source) for f in NEXT_BLOCK)
 
     def take(self, k: int, rng: np.random.Generator) -> np.ndarray:
         """Remove up to ``k`` uniformly random full slots from the full list, in O(k)."""

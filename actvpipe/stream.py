@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -14,8 +13,7 @@ from torchdata.nodes.loader import LoaderIterator
 
 from actvpipe.capture import capture_modules
 from actvpipe.documents import resolve_dataset
-from actvpipe.generator import GeneratorRun
-from actvpipe.hdf5 import check_matching, expand_paths, open_cache_file
+from actvpipe.hdf5 import CAPTURE, FORMAT, check_matching, dtype_name, expand_paths, open_cache_file
 from actvpipe.models import model_dims, resolve_model
 from actvpipe.resume import check_fingerprint
 from actvpipe.sampling import BufferBatcher, TokenBatch
@@ -151,19 +149,65 @@ class ActivationStream:
     def row_shape(self) -> tuple[int, int, int]:
         return self.spec.row_shape
 
-    def buffer(self, size: int, *, warmup: float = 0.5) -> BufferedStream:
-        """A shuffle buffer of ``size`` rows; batches are served once it holds ``warmup * size`` rows."""
+    def buffer(
+        self,
+        size: int,
+        *,
+        warmup: float = 0.5,
+        hdf5: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+        hdf5_fraction: float | None = None,
+    ) -> BufferedStream:
+        """A shuffle buffer of ``size`` rows; batches are served while it holds ``warmup * size`` rows.
+
+        ``hdf5`` (a path, list or glob) mixes cached rows with live ones for the whole pass: disk rows
+        fill the buffer first, then make up ``hdf5_fraction`` of the rows served, or as many as the
+        disk delivers when it is None. A finite pass serves every live and every file row once.
+        """
         _check_positive_int("size", size)
         if not 0.0 <= warmup <= 1.0:
             raise ValueError(f"warmup: a fraction of the buffer between 0 and 1, got {warmup!r}")
-        return BufferedStream(self.spec, size, warmup)
+        disk = () if hdf5 is None else (self._disk_source(hdf5, hdf5_fraction),)
+        return BufferedStream(self.spec, size, warmup, disk, hdf5_fraction)
+
+    def _disk_source(self, paths, fraction: float | None) -> Hdf5Spec:
+        if not isinstance(self.spec, StreamSpec):
+            raise TypeError(
+                "hdf5: interleaving mixes cached rows into a live stream; use actvpipe.stream(...)"
+            )
+        if fraction is not None and not 0.0 < fraction < 1.0:
+            raise ValueError(
+                f"hdf5_fraction: a fraction between 0 and 1 (exclusive), or None; got {fraction!r}"
+            )
+        if self.spec.deterministic:
+            raise ValueError(
+                "hdf5: interleaving disk rows is not available with deterministic=True yet; "
+                "pass deterministic=False, or stream the files alone with actvpipe.from_hdf5"
+            )
+        disk = from_hdf5(paths).spec
+        expected = {
+            "format": FORMAT,
+            "capture": CAPTURE,
+            "layers": list(self.spec.layers),
+            "d_model": self.spec.d_model,
+            "dtype": dtype_name(self.spec.dtype),
+        }
+        check_matching(disk.files, expected, "this stream")
+        return disk
 
 
 class BufferedStream:
-    """A stream with its buffer; ``.batch(b)`` builds the loader."""
+    """A stream with its buffer (and any disk source mixed in); ``.batch(b)`` builds the loader."""
 
-    def __init__(self, spec: StreamSpec | Hdf5Spec, size: int, warmup: float):
+    def __init__(
+        self,
+        spec: StreamSpec | Hdf5Spec,
+        size: int,
+        warmup: float,
+        disk: tuple[Hdf5Spec, ...] = (),
+        hdf5_fraction: float | None = None,
+    ):
         self.spec, self.size, self.warmup = spec, size, warmup
+        self.disk, self.hdf5_fraction = disk, hdf5_fraction
 
     def batch(self, batch_size: int, drop_last: bool = False, with_tokens: bool = False) -> ActivationLoader:
         """Batches of ``batch_size`` rows; ``with_tokens=True`` yields ``TokenBatch`` records."""
@@ -189,10 +233,10 @@ class ActivationLoader:
         self.spec = buffered.spec
         self.buffer_size = buffered.size
         self.batch_size = batch_size
-        launch = functools.partial(GeneratorRun, buffered.spec, buffered.size)
         min_fill = max(1, round(buffered.warmup * buffered.size))
+        sources = [self.spec, *buffered.disk]
         self._node = BufferBatcher(
-            self.spec, buffered.size, launch, batch_size, drop_last, min_fill, with_tokens
+            sources, buffered.size, batch_size, drop_last, min_fill, with_tokens, buffered.hdf5_fraction
         )
         self._loader = Loader(self._node)
 
@@ -227,13 +271,14 @@ class ActivationLoader:
         self.close()
 
     def counters(self) -> dict[str, int]:
-        """Rows ``written`` by the generator, ``published`` (sampleable), ``served``, ``computed`` by the
-        model, and the current ``fill``, for the current pass (all zero before ``start()``)."""
+        """Rows ``written`` by the generators, ``published`` (sampleable), ``served``, ``computed`` by the
+        sources, and the current ``fill``, for the current pass (all zero before ``start()``)."""
         run = self._node.run
         names = ("written", "published", "served", "computed")
         if run is None:
             return dict.fromkeys((*names, "fill"), 0)
-        return {**{k: run.buffer.get(k) for k in names}, "fill": run.buffer.fill()}
+        counts = {k: run.buffer.total(k) for k in names if k != "served"}
+        return {**counts, "served": run.buffer.get("served"), "fill": run.buffer.fill()}
 
     @property
     def generator_pid(self) -> int | None:

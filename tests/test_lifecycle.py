@@ -54,7 +54,7 @@ def test_start_returns_before_any_row_exists(small_stream):
     loader = small_stream.buffer(5000).batch(100)
     try:
         assert loader.start() is loader
-        assert loader._node.run.buffer.get("written") == 0
+        assert loader.counters()["written"] == 0
         assert psutil.Process(loader.generator_pid).is_running()
     finally:
         loader.close()

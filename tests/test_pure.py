@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actvpipe.sampling import remove_positions, sample_positions
+from actvpipe.slots import remove_positions, sample_positions
 from actvpipe.text import pack_contexts
 
 BOS, EOS = 1000, 1001
