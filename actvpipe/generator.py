@@ -134,7 +134,7 @@ class GeneratorRun:
         self.buffer = SharedRowBuffer.create(size, row_shape, dtype, ctx.Lock(), n_sources=len(sources))
         self.processes = []
         for index, (source, plan, cap) in enumerate(zip(sources, plans, caps, strict=True)):
-            self.buffer._set("cap", cap, index)
+            self.buffer.set_cap(index, cap)
             # Where the source starts, for a state saved before it writes anything.
             start = tuple(int(v) for v in plan.blocks[-1])
             self.buffer.push(np.zeros(0, dtype=np.int64), next_block=start, source=index)

@@ -19,12 +19,14 @@ from actvpipe.spec import Hdf5Spec, StreamSpec
 @dataclass
 class TokenBatch:
     """A batch with provenance: ``acts[i]`` came from token ``token_ids[i]`` at position ``pos[i]`` of
-    context ``seq[i]`` (the global index of the packed context)."""
+    context ``seq[i]`` (the global index of the packed context), produced by ``source[i]`` (0: the
+    stream itself, 1: the HDF5 files mixed in with ``.buffer(hdf5=...)``)."""
 
     acts: torch.Tensor
     token_ids: torch.Tensor
     seq: torch.Tensor
     pos: torch.Tensor
+    source: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.acts)
@@ -96,7 +98,10 @@ class BufferBatcher(BaseNode):
                 state["batches"],
                 list(state["frontiers"]),
             )
-        self.run = GeneratorRun(self.sources, self.size, plans, self.caps())
+        # While restoring, each source writes exactly its regenerated rows (then waits), so no source
+        # can take the slots another needs for its own; ``_finish_restore`` lifts the caps.
+        caps = self.caps() if state is None else [len(plan.buffered) for plan in plans]
+        self.run = GeneratorRun(self.sources, self.size, plans, caps)
 
     def close(self) -> None:
         if self.run is not None:
@@ -126,6 +131,8 @@ class BufferBatcher(BaseNode):
         meta = buffer.meta_of(slots)
         keys = meta["row_id"] * len(self.sources) + meta["source"]
         buffer.append_full(order_slots(slots, keys, order))
+        for k, cap in enumerate(self.caps()):
+            buffer.set_cap(k, cap)
         self._restoring = None
 
     def _allowance(self, k: int, done: list[bool]) -> int:

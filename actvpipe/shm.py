@@ -167,6 +167,10 @@ class SharedRowBuffer:
                 for field, value in zip(NEXT_BLOCK, next_block, strict=True):
                     self._set(field, value, source)
 
+    def set_cap(self, source: int, rows: int) -> None:
+        """How many of the source's rows may wait written but unpublished."""
+        self._set("cap", rows, source)
+
     def count_computed(self, rows: int, source: int = 0) -> None:
         """Add to the rows the source has produced (filtered-out regenerated rows included)."""
         self._set("computed", self.get("computed", source) + rows, source)
@@ -247,9 +251,11 @@ class SharedRowBuffer:
         return out
 
     def provenance(self, slots: np.ndarray) -> dict[str, torch.Tensor]:
-        """``seq``, ``pos`` and ``token_ids`` of the rows in ``slots``."""
+        """``seq``, ``pos``, ``token_ids`` and ``source`` of the rows in ``slots``."""
         index = torch.from_numpy(slots)
-        return {key: torch.index_select(self.meta[key], 0, index) for key in ("seq", "pos", "token_ids")}
+        return {
+            key: torch.index_select(self.meta[key], 0, index) for key in ("seq", "pos", "token_ids", "source")
+        }
 
     def release(self, slots: np.ndarray) -> None:
         """Return served slots to the free stack."""

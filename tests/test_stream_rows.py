@@ -20,7 +20,7 @@ def reference(model_dir, texts):
 def collect(loader) -> actvpipe.TokenBatch:
     batches = list(loader)
     return actvpipe.TokenBatch(
-        *(torch.cat([getattr(b, f) for b in batches]) for f in ("acts", "token_ids", "seq", "pos"))
+        *(torch.cat([getattr(b, f) for b in batches]) for f in ("acts", "token_ids", "seq", "pos", "source"))
     )
 
 

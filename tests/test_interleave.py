@@ -1,0 +1,105 @@
+"""Disk rows mixed into a live stream for the whole pass: exactly once each, rationed, resumable."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+import actvpipe
+
+CTX = 32
+
+
+@pytest.fixture(scope="module")
+def live_docs(texts):
+    return texts[:6]
+
+
+@pytest.fixture(scope="module")
+def disk_file(tmp_path_factory, model_dir, texts):
+    path = tmp_path_factory.mktemp("mix") / "disk.h5"
+    return actvpipe.stream(model_dir, texts[6:12], context_length=CTX).to_hdf5(path, progress=False)
+
+
+def live_rows(model_dir, docs) -> int:
+    with actvpipe.stream(model_dir, docs, context_length=CTX).buffer(100_000).batch(10_000) as loader:
+        return sum(len(b) for b in loader)
+
+
+def disk_rows(path) -> int:
+    return actvpipe.from_hdf5(path).spec.files[0].rows
+
+
+def keys(batches) -> torch.Tensor:
+    return torch.cat([(b.source * 10_000 + b.seq) * CTX + b.pos for b in batches])
+
+
+def mixed(model_dir, docs, disk_file, size=600, fraction=None):
+    stream = actvpipe.stream(model_dir, docs, context_length=CTX)
+    return stream.buffer(size, hdf5=disk_file, hdf5_fraction=fraction).batch(50, with_tokens=True)
+
+
+def test_every_live_and_every_file_row_once(model_dir, live_docs, disk_file):
+    with mixed(model_dir, live_docs, disk_file) as loader:
+        batches = list(loader)
+    got = keys(batches)
+    assert len(torch.unique(got)) == len(got), "a row was served twice"
+    sources = torch.cat([b.source for b in batches])
+    assert (sources == 0).sum() == live_rows(model_dir, live_docs)
+    assert (sources == 1).sum() == disk_rows(disk_file)
+    assert (sources[:50] == 1).any(), "disk rows fill the buffer first"
+    from_disk = torch.cat([b.acts[b.source == 1] for b in batches]).double()
+    with actvpipe.from_hdf5(disk_file).buffer(100_000).batch(100_000) as loader:
+        file_rows = next(iter(loader)).double()
+    torch.testing.assert_close(from_disk.sum(0), file_rows.sum(0))
+
+
+def test_hdf5_fraction_rations_disk_rows(model_dir, live_docs, disk_file):
+    size, fraction = 600, 0.2
+    with mixed(model_dir, live_docs, disk_file, size, fraction) as loader:
+        batches = list(loader)
+    sources = torch.cat([b.source for b in batches]).float()
+    live_total = int((sources == 0).sum())
+    served_disk = torch.cumsum(sources, 0)
+    served = torch.arange(1, len(sources) + 1)
+    # While live rows remain, disk rows stay within the fraction plus the warm-up credit.
+    live_left = live_total - torch.cumsum(1 - sources, 0)
+    while_live = live_left > size
+    assert (served_disk[while_live] <= fraction * served[while_live] + size).all()
+    assert (sources == 1).sum() == disk_rows(disk_file), "the rest of the disk rows still come"
+
+
+@pytest.mark.parametrize("midpoint", [3, 40])
+def test_interleaved_resume_is_exact(model_dir, live_docs, disk_file, midpoint):
+    with mixed(model_dir, live_docs, disk_file, fraction=0.3) as loader:
+        it = iter(loader)
+        first = [next(it) for _ in range(midpoint)]
+        state = pickle.loads(pickle.dumps(loader.state_dict()))
+    assert len(state["root"]["frontiers"]) == 2
+    fresh = mixed(model_dir, live_docs, disk_file, fraction=0.3)
+    fresh.load_state_dict(state)
+    with fresh:
+        rest = list(fresh)
+    got = keys(first + rest)
+    assert len(torch.unique(got)) == len(got)
+    assert len(got) == live_rows(model_dir, live_docs) + disk_rows(disk_file)
+
+
+def test_interleaving_checks_its_inputs(tmp_path, model_dir, live_docs, disk_file):
+    stream = actvpipe.stream(model_dir, live_docs, context_length=CTX)
+    with pytest.raises(ValueError, match=r"disk.h5.*does not match this stream.*layers"):
+        actvpipe.stream(model_dir, live_docs, context_length=CTX, layers=[0, 1]).buffer(100, hdf5=disk_file)
+    with pytest.raises(ValueError, match=r"disk.h5.*does not match this stream.*dtype"):
+        actvpipe.stream(model_dir, live_docs, context_length=CTX, dtype=torch.float64).buffer(
+            100, hdf5=disk_file
+        )
+    with pytest.raises(ValueError, match=r"hdf5_fraction"):
+        stream.buffer(100, hdf5=disk_file, hdf5_fraction=1.5)
+    with pytest.raises(FileNotFoundError, match=r"missing\.h5"):
+        stream.buffer(100, hdf5=tmp_path / "missing.h5")
+    with pytest.raises(ValueError, match="deterministic=True"):
+        actvpipe.stream(model_dir, live_docs, context_length=CTX, deterministic=True).buffer(
+            100, hdf5=disk_file
+        )
