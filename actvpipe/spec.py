@@ -41,10 +41,6 @@ class StreamSpec:
     def row_shape(self) -> tuple[int, int, int]:
         return (2, len(self.layers), self.d_model)
 
-    @property
-    def rows_per_context(self) -> int:
-        return self.context_length - self.first_pos
-
     def rows_graph(self, plan):
         """Load model and tokenizer (in the generator process) and build text -> rows per ``plan``."""
         from actvpipe.generator import build_rows_graph
