@@ -81,3 +81,11 @@ def reference_rows(model_dir: Path, contexts: torch.Tensor, layers=None) -> torc
     for h in handles:
         h.remove()
     return torch.stack(out)
+
+
+def reference_pass(
+    model_dir: Path, texts: list[str], context_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(contexts, rows [n_ctx, ctx, 2, n_layers, d]) of the documented pass over ``texts``."""
+    contexts = reference_contexts(model_dir, texts, context_length)
+    return contexts, reference_rows(model_dir, contexts)

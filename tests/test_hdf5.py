@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import reference_contexts, reference_rows
+from conftest import reference_pass
 
 import actvpipe
 
@@ -26,9 +26,8 @@ def docs(texts):
 @pytest.fixture(scope="module")
 def expected(model_dir, docs):
     """Reference rows of the pass in generation order: context by context, positions 1..CTX-1."""
-    contexts = reference_contexts(model_dir, docs, CTX)
-    rows = reference_rows(model_dir, contexts)[:, 1:]
-    return contexts, rows.reshape(-1, *rows.shape[2:])
+    contexts, rows = reference_pass(model_dir, docs, CTX)
+    return contexts, rows[:, 1:].reshape(-1, *rows.shape[2:])
 
 
 @pytest.fixture(scope="module")

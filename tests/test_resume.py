@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import reference_contexts, reference_rows
+from conftest import reference_pass
 from test_lifecycle import shm_entries, wait_gone
 
 import actvpipe
@@ -24,8 +24,7 @@ def docs(texts):
 
 @pytest.fixture(scope="module")
 def reference(model_dir, docs):
-    contexts = reference_contexts(model_dir, docs, CTX)
-    return contexts, reference_rows(model_dir, contexts)
+    return reference_pass(model_dir, docs, CTX)
 
 
 def make_loader(model_dir, docs, deterministic=False, **overrides):

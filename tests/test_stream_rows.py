@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import reference_contexts, reference_rows
+from conftest import reference_contexts, reference_pass, reference_rows
 
 import actvpipe
 
@@ -13,8 +13,7 @@ CTX = 64
 
 @pytest.fixture(scope="module")
 def reference(model_dir, texts):
-    contexts = reference_contexts(model_dir, texts, CTX)
-    return contexts, reference_rows(model_dir, contexts)
+    return reference_pass(model_dir, texts, CTX)
 
 
 def collect(loader) -> actvpipe.TokenBatch:
