@@ -36,20 +36,29 @@ def capture_modules(model_type: str) -> tuple[str, str]:
         ) from None
 
 
+@dataclass(frozen=True)
+class FileRange:
+    """Where rows go when copied file to file: an open descriptor and the byte offset in it."""
+
+    fd: int
+    offset: int
+
+
 @dataclass
 class RowBlock:
     """Rows ``[n, 2, n_layers, d_model]`` with per-row ``meta``: ``row_id`` (position in the pass's
     generation order), ``seq``, ``pos``, ``token_ids``, and the start ``block_seq``/``block_record``/
     ``block_offset`` of the block that produced it. ``next_block`` says where the following block
     starts, when the producer can restart there. A block read from disk has no ``rows`` tensor but
-    ``read_into(dest, lo, hi)``, which reads its rows ``lo:hi`` straight into ``dest`` (a uint8 array
-    over whole rows), so they can land in the shared buffer without an intermediate copy."""
+    ``read_into(dest, lo, hi)``, which reads its rows ``lo:hi`` straight into ``dest``: a uint8 array
+    over whole rows, or a ``FileRange`` of the shared buffer's file, so they land in the buffer
+    without an intermediate copy."""
 
     rows: torch.Tensor | None
     meta: dict[str, np.ndarray]
     next_block: tuple[int, int, int] | None = None
     computed: int = 0  # rows the model produced for this block, before any resume filtering
-    read_into: Callable[[np.ndarray, int, int], None] | None = None
+    read_into: Callable[[np.ndarray | FileRange, int, int], None] | None = None
 
     def __len__(self) -> int:
         return len(self.meta["row_id"])

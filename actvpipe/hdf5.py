@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torchdata.nodes import BaseNode
 
-from actvpipe.capture import RowBlock
+from actvpipe.capture import FileRange, RowBlock
 
 FORMAT = "actvpipe-activations/1"
 CAPTURE = "mlp_in: input of the layer norm feeding the MLP; mlp_out: output of the MLP module"
@@ -60,7 +60,11 @@ def from_storage(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 
 class Hdf5RowWriter:
-    """Appends row blocks to a new file under a temporary name; ``finish()`` renames it into place."""
+    """Appends row blocks to a new file under a temporary name; ``finish()`` renames it into place.
+
+    Activations go to disk a whole chunk at a time with ``write_direct_chunk`` (no hyperslab
+    selection, no read-modify-write of a chunk split between blocks); a partial chunk waits in memory.
+    """
 
     def __init__(self, path: str | os.PathLike, row_shape: tuple[int, ...], dtype: torch.dtype, attrs: dict):
         self.path = Path(path)
@@ -68,36 +72,60 @@ class Hdf5RowWriter:
         self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
         self.file = h5py.File(self.tmp, "w")
         stored = storage_dtype(dtype)
-        chunk_rows = max(1, -(-CHUNK_BYTES // (int(np.prod(row_shape)) * stored.itemsize)))
+        self.chunk_rows = max(1, -(-CHUNK_BYTES // (int(np.prod(row_shape)) * stored.itemsize)))
         self.acts = self.file.create_dataset(
             "activations",
             (0, *row_shape),
             stored,
             maxshape=(None, *row_shape),
-            chunks=(chunk_rows, *row_shape),
+            chunks=(self.chunk_rows, *row_shape),
         )
         self.meta = {
-            k: self.file.create_dataset(k, (0,), np.int64, maxshape=(None,), chunks=(chunk_rows,))
+            k: self.file.create_dataset(k, (0,), np.int64, maxshape=(None,), chunks=(self.chunk_rows,))
             for k in META_DATASETS
         }
         attrs = {**attrs, "format": FORMAT, "capture": CAPTURE, "dtype": dtype_name(dtype)}
         attrs["storage"] = BF16_STORAGE if dtype == torch.bfloat16 else "native"
         self.file.attrs.update(attrs)
         self.rows = 0
+        self._partial = np.zeros((self.chunk_rows, *row_shape), stored)
+        self._in_partial = 0
 
     def write(self, block: RowBlock, limit: int | None = None) -> int:
         """Append up to ``limit`` rows of ``block``; returns how many were written."""
         n = len(block) if limit is None else min(limit, len(block))
         end = self.rows + n
         self.acts.resize(end, axis=0)
-        self.acts[self.rows : end] = to_storage(block.rows[:n], self.dtype)
+        rows = to_storage(block.rows[:n], self.dtype)
+        first = self.rows - self._in_partial  # first row of the chunk being filled
+        if self._in_partial:
+            take = min(n, self.chunk_rows - self._in_partial)
+            self._partial[self._in_partial : self._in_partial + take] = rows[:take]
+            self._in_partial += take
+            rows = rows[take:]
+            if self._in_partial == self.chunk_rows:
+                self._write_chunk(first, self._partial)
+                first, self._in_partial = first + self.chunk_rows, 0
+        whole = len(rows) - len(rows) % self.chunk_rows
+        for at in range(0, whole, self.chunk_rows):
+            self._write_chunk(first + at, rows[at : at + self.chunk_rows])
+        rest = len(rows) - whole
+        if rest:
+            self._partial[:rest] = rows[whole:]
+            self._in_partial = rest
         for key, dataset in self.meta.items():
             dataset.resize(end, axis=0)
             dataset[self.rows : end] = block.meta[key][:n]
         self.rows = end
         return n
 
+    def _write_chunk(self, row: int, rows: np.ndarray) -> None:
+        self.acts.id.write_direct_chunk((row, *[0] * (rows.ndim - 1)), np.ascontiguousarray(rows))
+
     def finish(self) -> Path:
+        if self._in_partial:
+            self._partial[self._in_partial :] = 0
+            self._write_chunk(self.rows - self._in_partial, self._partial)
         self.file.attrs["row_count"] = self.rows
         self.file.close()
         os.replace(self.tmp, self.path)
@@ -237,24 +265,32 @@ class Hdf5Rows(BaseNode[RowBlock]):
             yield start, end
             start = end
 
-    def _read(self, i: int, first: int, dest: np.ndarray, lo: int, hi: int) -> None:
-        """Rows ``first + lo : first + hi`` of file ``i`` into ``dest`` (uint8, whole rows)."""
+    def _read(self, i: int, first: int, dest: np.ndarray | FileRange, lo: int, hi: int) -> None:
+        """Rows ``first + lo : first + hi`` of file ``i`` into ``dest`` (whole rows).
+
+        Into a file, raw chunks go by ``sendfile``: a kernel copy from the page cache, with none of
+        the page faults that writing fresh shared memory through a mapping costs."""
         a, b = first + lo, first + hi
         table = self._chunks[i]
         if table is None:
             acts = self._handles[i]["activations"]
-            acts.read_direct(dest.view(acts.dtype).reshape(b - a, *acts.shape[1:]), np.s_[a:b])
+            out = np.empty((b - a) * self.row_bytes, np.uint8) if isinstance(dest, FileRange) else dest
+            acts.read_direct(out.view(acts.dtype).reshape(b - a, *acts.shape[1:]), np.s_[a:b])
+            if isinstance(dest, FileRange):
+                _write_all(dest.fd, memoryview(out), dest.offset)
             return
         chunk_rows, offsets = table
-        flat = dest.reshape(-1)
         row = a
         while row < b:
             c = row // chunk_rows
             end = min(b, (c + 1) * chunk_rows)
-            at = (row - a) * self.row_bytes
-            view = flat[at : at + (end - row) * self.row_bytes]
-            got = os.preadv(self._fds[i], [view], int(offsets[c]) + (row - c * chunk_rows) * self.row_bytes)
-            if got != len(view):
+            at, nbytes = (row - a) * self.row_bytes, (end - row) * self.row_bytes
+            src = int(offsets[c]) + (row - c * chunk_rows) * self.row_bytes
+            if isinstance(dest, FileRange):
+                got = _send_all(dest.fd, self._fds[i], src, nbytes, dest.offset + at)
+            else:
+                got = os.preadv(self._fds[i], [dest.reshape(-1)[at : at + nbytes]], src)
+            if got != nbytes:
                 raise OSError(f"hdf5: short read from {self.files[i].path!r}; the file changed while reading")
             row = end
 
@@ -270,6 +306,24 @@ class Hdf5Rows(BaseNode[RowBlock]):
 
     def get_state(self) -> dict[str, Any]:
         return {}
+
+
+def _send_all(out_fd: int, in_fd: int, src: int, nbytes: int, dst: int) -> int:
+    """Copy ``nbytes`` at ``src`` of ``in_fd`` to ``dst`` of ``out_fd`` in the kernel; bytes copied."""
+    os.lseek(out_fd, dst, os.SEEK_SET)
+    done = 0
+    while done < nbytes:
+        sent = os.sendfile(out_fd, in_fd, src + done, nbytes - done)
+        if sent == 0:
+            break
+        done += sent
+    return done
+
+
+def _write_all(fd: int, data: memoryview, at: int) -> None:
+    while len(data):
+        written = os.pwrite(fd, data, at)
+        data, at = data[written:], at + written
 
 
 def _chunk_table(acts: h5py.Dataset) -> tuple[int, np.ndarray] | None:

@@ -72,10 +72,30 @@ class BufferBatcher(BaseNode):
         return {**out, "buffer_size": self.size, "min_fill": self.min_fill, "hdf5_fraction": self.fraction}
 
     def caps(self) -> list[int]:
-        """Rows each source may hold written but unpublished: a rationed disk source gets a quarter."""
+        """Rows each source may hold written but unpublished: a rationed disk source gets a quarter.
+
+        Deterministic mixing waits for each source's exact share, so each may hold its share plus half
+        the slots beyond the warm-up fill: then neither can take the slots the other's share needs.
+        """
+        if self.deterministic and len(self.sources) > 1:
+            return self._deterministic_caps(self._shares(self.min_fill))
         return [self.size] + [self.size if self.fraction is None else max(1, self.size // 4)] * (
             len(self.sources) - 1
         )
+
+    def _deterministic_caps(self, shares: list[int]) -> list[int]:
+        return [share + (self.size - self.min_fill) // 2 for share in shares]
+
+    def _disk_quota(self, extra: int = 0) -> int:
+        """Disk rows still due: ``fraction`` of every row published (plus ``extra``), beyond a warm-up fill."""
+        return int(self.fraction * (sum(self._frontiers) + extra)) + self.min_fill - self._frontiers[1]
+
+    def _shares(self, need: int) -> list[int]:
+        """How many of the next ``need`` published rows each source gives, in deterministic mode."""
+        if len(self.sources) == 1:
+            return [need]
+        disk = min(need, max(0, self._disk_quota(need)))
+        return [need - disk, disk]
 
     def start(self, state: dict | None = None) -> None:
         """Launch generators for the next pass (or for the rest of a saved one) unless some wait unused."""
@@ -136,22 +156,41 @@ class BufferBatcher(BaseNode):
         self._restoring = None
 
     def _allowance(self, k: int, done: list[bool]) -> int:
-        """How many of source ``k``'s written rows may be published now."""
+        """How many of source ``k``'s written rows may be published now (not deterministic)."""
         buffer = self.run.buffer
-        if self.deterministic:
-            return self.min_fill - buffer.fill()
         if k == 0 or self.fraction is None or (done[0] and buffer.pending(0) == 0):
             return self.size
         if buffer.fill() < self.min_fill and buffer.get("n_free") == 0:
             return self.size  # every slot is taken: the fraction yields rather than stall
-        quota = int(self.fraction * buffer.total("published")) + self.min_fill
-        return quota - buffer.get("published", k)
+        return self._disk_quota()
+
+    def _deterministic_allowances(self, done: list[bool]) -> list[int] | None:
+        """Each source's exact share of the rows that top the buffer up to the warm-up fill, or None
+        while a share is not written yet. A finished source's shortfall passes to the other."""
+        buffer = self.run.buffer
+        shares = self._shares(max(0, self.min_fill - buffer.fill()))
+        if len(shares) == 2:
+            for k in (0, 1):
+                short = shares[k] - buffer.pending(k)
+                if done[k] and short > 0:
+                    shares[k], shares[1 - k] = shares[k] - short, shares[1 - k] + short
+            for k, cap in enumerate(self._deterministic_caps(shares)):
+                buffer.set_cap(k, cap)
+            if any(not done[k] and buffer.pending(k) < share for k, share in enumerate(shares)):
+                return None
+        return shares
 
     def _ready_to_serve(self) -> bool:
         buffer = self.run.buffer
         done = [buffer.done(k) for k in range(len(self.sources))]  # first: rows are pushed, then done
-        for k in range(len(self.sources)):
-            self._frontiers[k] += buffer.publish(self._allowance(k, done), k)
+        if self.deterministic:
+            allowances = self._deterministic_allowances(done)
+            if allowances is None:
+                return False
+        else:
+            allowances = [self._allowance(k, done) for k in range(len(self.sources))]
+        for k, allowance in enumerate(allowances):
+            self._frontiers[k] += buffer.publish(allowance, k)
         fill = buffer.fill()
         if fill >= self.min_fill:
             return True

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from actvpipe.capture import RowBlock
+from actvpipe.capture import FileRange, RowBlock
 from actvpipe.slots import remove_positions, sample_positions
 
 SHM_DIR = "/dev/shm"
@@ -72,6 +72,7 @@ class SharedRowBuffer:
         self.fifos = [arrays[f"fifo{k}"].numpy() for k in range(n_sources)]
         self.meta = {k: arrays[k] for k in META}
         self.rows = block[rows_at:].view(dtype).view(size, *self.row_shape)
+        self._rows_at, self._row_bytes = rows_at, self.rows[0].nbytes if size else 0
 
     @classmethod
     def create(
@@ -140,12 +141,16 @@ class SharedRowBuffer:
 
     def write(self, slots: np.ndarray, block: RowBlock, lo: int, hi: int, source: int = 0) -> None:
         """Copy rows ``lo:hi`` of ``block`` and their provenance into claimed slots (no lock: the
-        slots are ours). Disk blocks read straight into the buffer when the slots are contiguous."""
+        slots are ours). Disk blocks copy file to file into the buffer when the slots are contiguous."""
         index = torch.from_numpy(slots)
         if block.read_into is None:
             self.rows.index_copy_(0, index, block.rows[lo:hi].to(self.dtype))
         elif np.all(np.diff(slots) == 1):
-            block.read_into(self.rows[slots[0] : slots[0] + len(slots)].view(torch.uint8).numpy(), lo, hi)
+            fd = os.open(os.path.join(SHM_DIR, self.name), os.O_RDWR)
+            try:
+                block.read_into(FileRange(fd, self._rows_at + int(slots[0]) * self._row_bytes), lo, hi)
+            finally:
+                os.close(fd)
         else:
             staged = torch.empty((hi - lo, *self.row_shape), dtype=self.dtype)
             block.read_into(staged.view(torch.uint8).numpy(), lo, hi)

@@ -178,10 +178,10 @@ class ActivationStream:
             raise ValueError(
                 f"hdf5_fraction: a fraction between 0 and 1 (exclusive), or None; got {fraction!r}"
             )
-        if self.spec.deterministic:
+        if self.spec.deterministic and fraction is None:
             raise ValueError(
-                "hdf5: interleaving disk rows is not available with deterministic=True yet; "
-                "pass deterministic=False, or stream the files alone with actvpipe.from_hdf5"
+                "hdf5: with deterministic=True disk rows are mixed in at a fixed share; "
+                "pass hdf5_fraction= (say 0.5), or deterministic=False to mix them as fast as they come"
             )
         disk = from_hdf5(paths).spec
         expected = {

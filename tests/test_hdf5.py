@@ -14,6 +14,8 @@ import torch
 from conftest import reference_pass
 
 import actvpipe
+from actvpipe.capture import RowBlock
+from actvpipe.hdf5 import Hdf5RowWriter
 
 CTX = 32
 
@@ -56,6 +58,23 @@ def test_plain_h5py_reads_the_documented_rows(cache_file, expected):
     assert not [p for p in os.listdir(cache_file.parent) if p.startswith(".")], "no temporary file left"
 
 
+def test_writer_splits_blocks_across_whole_chunks(tmp_path):
+    """Blocks smaller than, equal to and spanning chunks; a partial chunk at the end."""
+    shape, sizes = (2, 4, 4096), [5, 40, 33, 64, 7]
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn((sum(sizes), *shape), generator=gen)
+    writer = Hdf5RowWriter(tmp_path / "w.h5", shape, torch.float32, {})
+    assert writer.chunk_rows == 32
+    at = 0
+    for n in sizes:
+        meta = {k: np.arange(at, at + n) for k in ("row_id", "token_ids", "seq", "pos")}
+        writer.write(RowBlock(rows[at : at + n], meta))
+        at += n
+    with h5py.File(writer.finish(), "r") as f:
+        assert torch.equal(torch.from_numpy(f["activations"][:]), rows)
+        assert np.array_equal(f["seq"][:], np.arange(at))
+
+
 def test_max_rows_float16_and_bfloat16(tmp_path, model_dir, docs, expected):
     rows = expected[1]
     stream = actvpipe.stream(model_dir, docs, context_length=CTX)
@@ -82,9 +101,20 @@ def file_keys(batches) -> torch.Tensor:
     return torch.cat([b.seq * CTX + b.pos for b in batches])
 
 
-def test_from_hdf5_serves_every_row_once(cache_file, expected):
+def gzip_copy(path, out):
+    """The same file with small gzip chunks: read through HDF5's filters, not raw chunk offsets."""
+    with h5py.File(path, "r") as src, h5py.File(out, "w") as dst:
+        dst.attrs.update(src.attrs)
+        for key, data in src.items():
+            dst.create_dataset(key, data=data[:], chunks=(100, *data.shape[1:]), compression="gzip")
+    return out
+
+
+@pytest.mark.parametrize("layout", ["raw chunks", "gzip"])
+def test_from_hdf5_serves_every_row_once(cache_file, expected, layout, tmp_path):
     rows = expected[1]
-    with actvpipe.from_hdf5(cache_file).buffer(400).batch(64, with_tokens=True) as loader:
+    path = cache_file if layout == "raw chunks" else gzip_copy(cache_file, tmp_path / "gz.h5")
+    with actvpipe.from_hdf5(path).buffer(400).batch(64, with_tokens=True) as loader:
         batches = list(loader)
     keys = file_keys(batches)
     assert len(keys) == len(rows) and len(torch.unique(keys)) == len(keys)

@@ -36,8 +36,8 @@ def keys(batches) -> torch.Tensor:
     return torch.cat([(b.source * 10_000 + b.seq) * CTX + b.pos for b in batches])
 
 
-def mixed(model_dir, docs, disk_file, size=600, fraction=None):
-    stream = actvpipe.stream(model_dir, docs, context_length=CTX)
+def mixed(model_dir, docs, disk_file, size=600, fraction=None, deterministic=False):
+    stream = actvpipe.stream(model_dir, docs, context_length=CTX, deterministic=deterministic)
     return stream.buffer(size, hdf5=disk_file, hdf5_fraction=fraction).batch(50, with_tokens=True)
 
 
@@ -99,7 +99,29 @@ def test_interleaving_checks_its_inputs(tmp_path, model_dir, live_docs, disk_fil
         stream.buffer(100, hdf5=disk_file, hdf5_fraction=1.5)
     with pytest.raises(FileNotFoundError, match=r"missing\.h5"):
         stream.buffer(100, hdf5=tmp_path / "missing.h5")
-    with pytest.raises(ValueError, match="deterministic=True"):
+    with pytest.raises(ValueError, match="deterministic=True.*pass hdf5_fraction="):
         actvpipe.stream(model_dir, live_docs, context_length=CTX, deterministic=True).buffer(
             100, hdf5=disk_file
         )
+
+
+def test_deterministic_interleaving_replays_and_resumes_bitwise(model_dir, live_docs, disk_file):
+    def loader():
+        return mixed(model_dir, live_docs, disk_file, fraction=0.3, deterministic=True)
+
+    with loader() as whole:
+        run = list(whole)
+    with loader() as first:
+        it = iter(first)
+        head = [next(it) for _ in range(7)]
+        state = pickle.loads(pickle.dumps(first.state_dict()))
+    rest = loader()
+    rest.load_state_dict(state)
+    with rest:
+        replay = head + list(rest)
+    assert len(replay) == len(run)
+    for a, b in zip(run, replay, strict=True):
+        assert torch.equal(a.acts, b.acts) and torch.equal(a.source, b.source) and torch.equal(a.seq, b.seq)
+    sources = torch.cat([b.source for b in run])
+    assert (sources == 0).sum() == live_rows(model_dir, live_docs)
+    assert (sources == 1).sum() == disk_rows(disk_file)
