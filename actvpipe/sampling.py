@@ -87,7 +87,7 @@ class BufferBatcher(BaseNode):
         return [share + (self.size - self.min_fill) // 2 for share in shares]
 
     def _disk_quota(self, extra: int = 0) -> int:
-        """Disk rows still due: ``fraction`` of every row published (plus ``extra``), beyond a warm-up fill."""
+        """Disk rows still due: ``fraction`` of all rows published (and ``extra``), beyond a warm-up fill."""
         return int(self.fraction * (sum(self._frontiers) + extra)) + self.min_fill - self._frontiers[1]
 
     def _shares(self, need: int) -> list[int]:

@@ -99,7 +99,7 @@ def test_interleaving_checks_its_inputs(tmp_path, model_dir, live_docs, disk_fil
         stream.buffer(100, hdf5=disk_file, hdf5_fraction=1.5)
     with pytest.raises(FileNotFoundError, match=r"missing\.h5"):
         stream.buffer(100, hdf5=tmp_path / "missing.h5")
-    with pytest.raises(ValueError, match="deterministic=True.*pass hdf5_fraction="):
+    with pytest.raises(ValueError, match=r"deterministic=True.*pass hdf5_fraction="):
         actvpipe.stream(model_dir, live_docs, context_length=CTX, deterministic=True).buffer(
             100, hdf5=disk_file
         )
