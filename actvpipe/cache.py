@@ -32,7 +32,7 @@ def cache_attrs(spec: StreamSpec) -> dict:
         "context_length": spec.context_length,
         "packing": "concat: documents + EOS, chunks of context_length - 1, BOS prepended",
         "exclude_bos": spec.exclude_bos,
-        "model_dtype": dtype_name(spec.dtype),
+        "model_dtype": dtype_name(spec.compute_dtype),
         "actvpipe_version": __version__,
     }
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torchdata.nodes import BaseNode
 
+from actvpipe.placement import Placement
 from actvpipe.text import ContextBlock
 
 # model_type -> (module whose input is the row's mlp_in, the MLP whose output is mlp_out), relative to
@@ -111,7 +112,7 @@ class ActivationCapture:
         d_model = self.model.config.get_text_config().hidden_size
         shape = (batch, ctx - self.first_pos, 2, len(self.layers), d_model)
         dtype = next(self.model.parameters()).dtype
-        if self._stage is None or self._stage.shape != shape:
+        if self._stage is None or self._stage.shape != shape or self._stage.device != tokens.device:
             self._stage = torch.empty(shape, dtype=dtype, device=tokens.device)
         with contextlib.suppress(_StopForward):
             self.model(input_ids=tokens, use_cache=False)
@@ -122,29 +123,77 @@ class ActivationCapture:
             handle.remove()
 
 
-class CaptureNode(BaseNode[RowBlock]):
-    """Runs the model over each block of contexts and yields its rows with their provenance."""
+@dataclass
+class _InFlight:
+    """A block whose rows are being copied to the host; ``done`` (a CUDA event) says when they are."""
 
-    def __init__(self, contexts: BaseNode[ContextBlock], capture: ActivationCapture, out_dtype: torch.dtype):
+    rows: torch.Tensor
+    block: ContextBlock
+    contexts_state: dict
+    done: Any = None
+
+
+class CaptureNode(BaseNode[RowBlock]):
+    """Runs the model over each block of contexts and yields its rows with their provenance.
+
+    On a GPU, rows go to the host through two alternating pinned buffers with non-blocking copies:
+    the next block's forward is queued before the previous block's copy is waited for, so copies
+    overlap compute and nothing synchronises per layer. The state is that of the contexts behind
+    the last block returned, whatever is in flight.
+    """
+
+    def __init__(
+        self,
+        contexts: BaseNode[ContextBlock],
+        capture: ActivationCapture,
+        out_dtype: torch.dtype,
+        placement: Placement,
+    ):
         super().__init__()
         self.contexts = contexts
         self.capture = capture
         self.out_dtype = out_dtype
-        self.device = next(capture.model.parameters()).device
+        self.placement = placement
+        self._pinned: dict[int, torch.Tensor] = {}
+        self._turn = 0
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
         self.contexts.reset(initial_state)
+        self._in_flight: _InFlight | None = None
+        self._state = self.contexts.state_dict()
+
+    def _launch(self) -> _InFlight:
+        block = next(self.contexts)
+        state = self.contexts.state_dict()
+        device = self.placement.update()
+        tokens = torch.from_numpy(block.tokens).to(device)
+        rows = self.capture(tokens)
+        if device.type != "cuda":
+            return _InFlight(rows.to(self.out_dtype), block, state)
+        self._turn ^= 1  # the other buffer holds the block returned last, still being consumed
+        host = self._pinned.get(self._turn)
+        if host is None or host.shape != rows.shape:
+            host = self._pinned[self._turn] = torch.empty(rows.shape, dtype=self.out_dtype, pin_memory=True)
+        host.copy_(rows.to(self.out_dtype), non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return _InFlight(host, block, state, done)
 
     def next(self) -> RowBlock:
-        block = next(self.contexts)
-        tokens = torch.from_numpy(block.tokens).to(self.device)
-        rows = self.capture(tokens).to("cpu", self.out_dtype)
+        current = self._in_flight or self._launch()
+        self._in_flight = None
+        if current.done is not None:
+            with contextlib.suppress(StopIteration):
+                self._in_flight = self._launch()  # queue the next forward before waiting
+            current.done.synchronize()
+        self._state = current.contexts_state
+        block, rows = current.block, current.rows
         next_block = (block.first_seq + len(block.tokens), *block.next_start)
         return RowBlock(rows, row_provenance(block, self.capture.first_pos), next_block, computed=len(rows))
 
     def get_state(self) -> dict[str, Any]:
-        return self.contexts.state_dict()
+        return self._state
 
 
 def row_provenance(block: ContextBlock, first_pos: int) -> dict[str, np.ndarray]:

@@ -9,12 +9,14 @@ import time
 
 
 def demo(args: argparse.Namespace) -> None:
-    """Stream batches from the embedded default (tiny model, bundled corpus), fully offline."""
+    """Stream batches from the embedded default (tiny model, bundled corpus), fully offline, with the
+    live dashboard on stderr."""
     import actvpipe
 
     stream = actvpipe.demo_stream()
     rows = 0
-    with stream.buffer(args.buffer).batch(args.batch_size) as loader:
+    buffered = stream.buffer(args.buffer, log_dir=args.log_dir, progress=True, refresh_interval=0.2)
+    with buffered.batch(args.batch_size) as loader:
         start = time.perf_counter()
         for step, batch in enumerate(loader, 1):
             rows += len(batch)
@@ -48,6 +50,21 @@ def cache(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def bench(args: argparse.Namespace) -> None:
+    """Run the benchmark suite (``python -m benchmarks``) from a source checkout; --quick by default."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        raise FileNotFoundError(
+            f"benchmarks/ not found next to {root / 'actvpipe'}: actvpipe bench runs a source checkout's "
+            "benchmarks; clone the repository and pip install -e it"
+        )
+    command = [sys.executable, "-m", "benchmarks", *([] if args.full else ["--quick"])]
+    sys.exit(subprocess.call(command, cwd=root))
+
+
 def inspect(args: argparse.Namespace) -> None:
     """Print an activation file's shape, dtype, row count, size and attributes."""
     from actvpipe.hdf5 import open_cache_file
@@ -66,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="number of batches to serve (default 20)")
     p.add_argument("--batch-size", type=int, default=512, help="rows per batch (default 512)")
     p.add_argument("--buffer", type=int, default=16_384, help="shuffle buffer size in rows (default 16384)")
+    p.add_argument("--log-dir", default=None, help="write TensorBoard scalars to this directory")
     p.set_defaults(run=demo)
+
+    p = commands.add_parser("bench", help=bench.__doc__, description=bench.__doc__)
+    p.add_argument("--full", action="store_true", help="the full benchmarks instead of --quick")
+    p.set_defaults(run=bench)
 
     p = commands.add_parser("cache", help=cache.__doc__, description=cache.__doc__)
     p.add_argument("--model", required=True, help="hub id or local directory")

@@ -51,7 +51,7 @@ def actvs_loader_from_config(config: DataLoaderConfig, batch_size: int) -> Activ
     ]
     if mismatches:
         raise ValueError(f"DataLoaderConfig does not match {config.model_name!r}: {'; '.join(mismatches)}")
-    return s.buffer(config.buffer_size).batch(batch_size)
+    return s.buffer(config.buffer_size, refresh_interval=config.refresh_interval).batch(batch_size)
 
 
 def demo_config() -> DataLoaderConfig:

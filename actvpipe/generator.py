@@ -23,6 +23,7 @@ from torchdata.nodes import BaseNode, Loader, Prefetcher
 
 from actvpipe.capture import ActivationCapture, CaptureNode, RowBlock
 from actvpipe.models import load_model, load_tokenizer
+from actvpipe.placement import Placement
 from actvpipe.resume import PlannedContexts, ResumePlan, RowFilter
 from actvpipe.shm import SharedRowBuffer
 from actvpipe.spec import Hdf5Spec, StreamSpec
@@ -39,17 +40,24 @@ class _Stopped(Exception):
     """The training side asked the generator to stop, or went away."""
 
 
-def build_rows_graph(spec: StreamSpec, plan: ResumePlan) -> BaseNode[RowBlock]:
+def build_rows_graph(
+    spec: StreamSpec,
+    plan: ResumePlan,
+    fill: Callable[[], float] | None = None,
+    report: Callable[[bool], None] | None = None,
+) -> BaseNode[RowBlock]:
     """Load model and tokenizer, then: documents -> packed contexts per the plan (tokenized in a
-    background thread) -> captured rows -> plan filter."""
+    background thread) -> captured rows (on the device ``Placement`` picks) -> plan filter."""
     torch.set_num_threads(spec.threads or os.cpu_count() or 1)
-    model = load_model(spec.model, spec.dtype, spec.device)
+    model = load_model(spec.model, spec.compute_dtype, "cpu")
+    placement = Placement(model, spec.device, spec.watermarks, fill, report)
     tokenizer = load_tokenizer(spec.model.tokenizer)
     packer = PackedContexts(
         DocumentBlocks(spec.dataset), tokenizer, spec.context_length, spec.generation_batch_size
     )
     contexts = Prefetcher(PlannedContexts(packer, plan), prefetch_factor=4)
-    rows = CaptureNode(contexts, ActivationCapture(model, spec.layers, spec.first_pos), spec.dtype)
+    capture = ActivationCapture(model, spec.layers, spec.first_pos)
+    rows = CaptureNode(contexts, capture, spec.dtype, placement)
     return RowFilter(rows, plan)
 
 
@@ -90,7 +98,9 @@ def generator_main(
 
     try:
         _quiet_libraries()
-        for block in Loader(source.rows_graph(plan)):
+        fill = lambda: 1.0 - buffer.get("n_free") / buffer.size  # noqa: E731
+        report = lambda on_gpu: buffer.set_field("on_gpu", int(on_gpu), index)  # noqa: E731
+        for block in Loader(source.rows_graph(plan, fill, report)):
             if should_stop():
                 return
             buffer.count_computed(block.computed, index)

@@ -25,7 +25,7 @@ SHM_DIR = "/dev/shm"
 NEXT_BLOCK = ("next_block_seq", "next_block_record", "next_block_offset")
 HEADER = ("n_full", "n_free", "failed", "stop", "served", "error_len")
 # Each source (a generator process) has its own FIFO and these counters, from header index 16 on.
-SOURCE_FIELDS = ("written", "published", "done", "computed", "cap", *NEXT_BLOCK)
+SOURCE_FIELDS = ("written", "published", "done", "computed", "cap", "on_gpu", *NEXT_BLOCK)
 MAX_SOURCES = 4
 HEADER_BYTES = 512
 ERROR_BYTES = 64 * 1024
@@ -110,7 +110,9 @@ class SharedRowBuffer:
 
     @staticmethod
     def _index(field: str, source: int | None) -> int:
-        return HEADER.index(field) if source is None else 16 + 8 * source + SOURCE_FIELDS.index(field)
+        if source is None:
+            return HEADER.index(field)
+        return 16 + len(SOURCE_FIELDS) * source + SOURCE_FIELDS.index(field)
 
     def get(self, field: str, source: int | None = None) -> int:
         """A global counter, or with ``source`` one of that source's (see ``SOURCE_FIELDS``)."""
@@ -175,6 +177,10 @@ class SharedRowBuffer:
     def set_cap(self, source: int, rows: int) -> None:
         """How many of the source's rows may wait written but unpublished."""
         self._set("cap", rows, source)
+
+    def set_field(self, field: str, value: int, source: int) -> None:
+        """Set one of a source's counters that only that source writes (such as ``on_gpu``)."""
+        self._set(field, value, source)
 
     def count_computed(self, rows: int, source: int = 0) -> None:
         """Add to the rows the source has produced (filtered-out regenerated rows included)."""

@@ -13,6 +13,7 @@ import torch
 from actvpipe.documents import DatasetSource
 from actvpipe.hdf5 import Hdf5File, Hdf5Rows
 from actvpipe.models import ModelSource
+from actvpipe.placement import DEFAULT_WATERMARKS
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,12 @@ class StreamSpec:
     exclude_bos: bool
     deterministic: bool = False
     threads: int | None = None
+    model_dtype: torch.dtype | None = None  # None: the buffer's dtype
+    watermarks: tuple[float, float] = DEFAULT_WATERMARKS
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.model_dtype or self.dtype
 
     @property
     def first_pos(self) -> int:
@@ -41,11 +48,12 @@ class StreamSpec:
     def row_shape(self) -> tuple[int, int, int]:
         return (2, len(self.layers), self.d_model)
 
-    def rows_graph(self, plan):
-        """Load model and tokenizer (in the generator process) and build text -> rows per ``plan``."""
+    def rows_graph(self, plan, fill=None, report=None):
+        """Load model and tokenizer (in the generator process) and build text -> rows per ``plan``;
+        ``fill`` and ``report`` connect the device policy to the buffer (see ``Placement``)."""
         from actvpipe.generator import build_rows_graph
 
-        return build_rows_graph(self, plan)
+        return build_rows_graph(self, plan, fill, report)
 
     def fingerprint(self) -> dict[str, object]:
         """The arguments a saved state must match to be restored."""
@@ -57,6 +65,7 @@ class StreamSpec:
             "layers": list(self.layers),
             "generation_batch_size": self.generation_batch_size,
             "dtype": str(self.dtype),
+            "model_dtype": str(self.compute_dtype),
             "seed": self.seed,
             "exclude_bos": self.exclude_bos,
             "deterministic": self.deterministic,
@@ -87,13 +96,14 @@ class Hdf5Spec:
     def layers(self) -> tuple[int, ...]:
         return tuple(self.files[0].attrs["layers"])
 
-    def rows_graph(self, plan):
+    def rows_graph(self, plan, fill=None, report=None):
         return Hdf5Rows(self.files, plan.buffered, plan.frontier)
 
     def fingerprint(self) -> dict[str, object]:
         return {
             "files": [[f.path, f.rows] for f in self.files],
             "dtype": str(self.dtype),
+            "model_dtype": str(self.compute_dtype),
             "seed": self.seed,
             "deterministic": self.deterministic,
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from actvpipe.capture import capture_modules
 from actvpipe.documents import resolve_dataset
 from actvpipe.hdf5 import CAPTURE, FORMAT, check_matching, dtype_name, expand_paths, open_cache_file
 from actvpipe.models import model_dims, resolve_model
+from actvpipe.monitor import Monitor
+from actvpipe.placement import DEFAULT_WATERMARKS, check_watermarks
 from actvpipe.resume import check_fingerprint
 from actvpipe.sampling import BufferBatcher, TokenBatch
 from actvpipe.spec import Hdf5Spec, StreamSpec
@@ -36,7 +39,9 @@ def stream(
     layers: Sequence[int] | None = None,
     generation_batch_size: int = 32,
     dtype: torch.dtype = torch.float32,
+    model_dtype: torch.dtype | None = None,
     device: str = "auto",
+    watermarks: tuple[float, float] = DEFAULT_WATERMARKS,
     seed: int = 0,
     exclude_bos: bool = True,
     deterministic: bool = False,
@@ -44,13 +49,17 @@ def stream(
     """Describe a stream of MLP-in/MLP-out activations of ``model`` over ``dataset``.
 
     Everything is checked here, before any process starts: the model's config and tokenizer load,
-    the dataset exists and has ``text_column``, and the shapes fit the model. ``deterministic=True``
-    makes the batches a pure function of the arguments and ``seed``.
+    the dataset exists and has ``text_column``, and the shapes fit the model. ``dtype`` is the
+    buffer's, ``model_dtype`` the forward's (default: ``dtype``). ``device="auto"`` moves the model
+    between GPU and CPU on buffer fill, per ``watermarks`` (low, high); without CUDA it is the CPU.
+    ``deterministic=True`` makes the batches a pure function of the arguments and ``seed``.
     """
     _check_positive_int("generation_batch_size", generation_batch_size)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype: expected a floating torch.dtype such as torch.float32, got {dtype!r}")
+    for name, value in (("dtype", dtype), ("model_dtype", model_dtype or dtype)):
+        if not isinstance(value, torch.dtype) or not value.is_floating_point:
+            raise TypeError(f"{name}: expected a floating torch.dtype such as torch.float32, got {value!r}")
     device = resolve_device(device)
+    watermarks = check_watermarks(watermarks)
     source, config = resolve_model(model, tokenizer)
     capture_modules(config.model_type)
     n_layers, d_model, max_len = model_dims(config)
@@ -72,7 +81,9 @@ def stream(
         d_model=d_model,
         generation_batch_size=generation_batch_size,
         dtype=dtype,
+        model_dtype=model_dtype,
         device=device,
+        watermarks=watermarks,
         seed=seed,
         exclude_bos=exclude_bos,
         deterministic=deterministic,
@@ -86,9 +97,10 @@ def gpt2_stream(**overrides: Any) -> ActivationStream:
 
 
 def resolve_device(device: str) -> str:
-    """ "auto" is CUDA when available, else CPU; an explicit CUDA device without CUDA is an error."""
+    """ "auto" stays adaptive when CUDA is available, else is the CPU; an explicit CUDA device
+    without CUDA is an error."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "auto" if torch.cuda.is_available() else "cpu"
     if not isinstance(device, str) or not (device == "cpu" or device.startswith("cuda")):
         raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -156,18 +168,28 @@ class ActivationStream:
         warmup: float = 0.5,
         hdf5: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
         hdf5_fraction: float | None = None,
+        log_dir: str | os.PathLike | None = None,
+        progress: bool | None = None,
+        refresh_interval: float = 0.5,
     ) -> BufferedStream:
         """A shuffle buffer of ``size`` rows; batches are served while it holds ``warmup * size`` rows.
 
         ``hdf5`` (a path, list or glob) mixes cached rows with live ones for the whole pass: disk rows
         fill the buffer first, then make up ``hdf5_fraction`` of the rows served, or as many as the
         disk delivers when it is None. A finite pass serves every live and every file row once.
+        ``log_dir`` writes TensorBoard scalars; ``progress`` shows the one-line dashboard on stderr
+        (default: when stderr is a terminal); both refresh every ``refresh_interval`` seconds.
         """
         _check_positive_int("size", size)
         if not 0.0 <= warmup <= 1.0:
             raise ValueError(f"warmup: a fraction of the buffer between 0 and 1, got {warmup!r}")
+        if isinstance(refresh_interval, bool) or not (
+            isinstance(refresh_interval, int | float) and refresh_interval > 0
+        ):
+            raise ValueError(f"refresh_interval: expected positive seconds, got {refresh_interval!r}")
         disk = () if hdf5 is None else (self._disk_source(hdf5, hdf5_fraction),)
-        return BufferedStream(self.spec, size, warmup, disk, hdf5_fraction)
+        monitor = Monitor(log_dir, progress, refresh_interval)
+        return BufferedStream(self.spec, size, warmup, disk, hdf5_fraction, monitor)
 
     def _disk_source(self, paths, fraction: float | None) -> Hdf5Spec:
         if not isinstance(self.spec, StreamSpec):
@@ -205,9 +227,11 @@ class BufferedStream:
         warmup: float,
         disk: tuple[Hdf5Spec, ...] = (),
         hdf5_fraction: float | None = None,
+        monitor: Monitor | None = None,
     ):
         self.spec, self.size, self.warmup = spec, size, warmup
         self.disk, self.hdf5_fraction = disk, hdf5_fraction
+        self.monitor = monitor or Monitor(None, False, 1.0)
 
     def batch(self, batch_size: int, drop_last: bool = False, with_tokens: bool = False) -> ActivationLoader:
         """Batches of ``batch_size`` rows; ``with_tokens=True`` yields ``TokenBatch`` records."""
@@ -239,13 +263,28 @@ class ActivationLoader:
             sources, buffered.size, batch_size, drop_last, min_fill, with_tokens, buffered.hdf5_fraction
         )
         self._loader = Loader(self._node)
+        self._monitor = buffered.monitor
+        self._monitor.disk_sources = tuple(isinstance(s, Hdf5Spec) for s in sources)
 
     def start(self) -> ActivationLoader:
         self._node.start()
         return self
 
     def __iter__(self) -> Iterator[torch.Tensor | TokenBatch]:
-        return iter(self._loader)
+        batches = iter(self._loader)
+        return self._monitored(batches) if self._monitor.active else batches
+
+    def _monitored(self, batches: Iterator) -> Iterator[torch.Tensor | TokenBatch]:
+        """Time each wait for a batch and let the monitor sample the counters."""
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                self._monitor.refresh()
+                return
+            self._monitor.after_batch(self._node.run, len(batch), time.perf_counter() - start)
+            yield batch
 
     def state_dict(self) -> dict[str, Any]:
         """Plain picklable state of the latest iterator: a few integers and 4-8 bytes per buffered row."""
@@ -262,6 +301,7 @@ class ActivationLoader:
         self._loader.load_state_dict(state)
 
     def close(self) -> None:
+        self._monitor.close()
         self._node.close()
 
     def __enter__(self) -> ActivationLoader:

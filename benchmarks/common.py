@@ -33,18 +33,28 @@ def build_gpt2(n_layer: int, n_embd: int, n_head: int, n_positions: int = 1024) 
     return out
 
 
-def bare_forward_tokens_per_s(model_dir: Path, batch: int, context: int, seconds: float) -> float:
+def bare_forward_tokens_per_s(
+    model_dir: Path,
+    batch: int,
+    context: int,
+    seconds: float,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> float:
     """Tokens/s of the plain base model (no hooks, no LM head) on random tokens of the given shape."""
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(model_dir).eval()
-    tokens = torch.randint(0, model.config.vocab_size, (batch, context))
+    model = AutoModel.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    tokens = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with torch.inference_mode():
         model(tokens, use_cache=False)
+        sync()
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
             model(tokens, use_cache=False)
             n += 1
+        sync()
         elapsed = time.perf_counter() - start
     return n * batch * context / elapsed
 

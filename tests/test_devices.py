@@ -1,0 +1,95 @@
+"""Device policy (pure), its application to a model, and model dtype apart from buffer dtype."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import reference_pass
+from torch import nn
+
+import actvpipe
+from actvpipe.placement import Placement, check_watermarks, next_on_gpu, replay
+
+CTX = 32
+
+
+def test_policy_switches_with_hysteresis():
+    fills = [0.0, 0.5, 0.8, 0.6, 0.3, 0.2, 0.5, 0.76, 0.74]
+    assert replay(fills, 0.25, 0.75) == [True, True, False, False, False, True, True, False, False]
+    assert replay([0.5], 0.25, 0.75, on_gpu=False) == [False], "between the watermarks: stay"
+    assert next_on_gpu(0.25, False, 0.25, 0.75) is False and next_on_gpu(0.75, True, 0.25, 0.75) is True
+
+
+@pytest.mark.parametrize("bad", [(0.8, 0.2), (0.5, 0.5), (-0.1, 0.5), (0.2, 1.5), "low", (0.1,)])
+def test_bad_watermarks_are_clear_errors(bad, model_dir, texts):
+    with pytest.raises(ValueError, match="watermarks"):
+        check_watermarks(bad)
+    with pytest.raises(ValueError, match="watermarks"):
+        actvpipe.stream(model_dir, texts[:2], context_length=CTX, watermarks=bad)
+
+
+def test_placement_follows_the_fill_and_logs_each_switch(caplog):
+    fills = iter([0.1, 0.9, 0.9, 0.5, 0.1])
+    reported = []
+    model = nn.Linear(2, 2)
+    # "cpu" stands in for the GPU so the switching logic runs on this machine; gpu.sh runs CUDA.
+    placement = Placement(model, "auto", (0.25, 0.75), lambda: next(fills), reported.append, gpu="cpu")
+    with caplog.at_level(logging.INFO, logger="actvpipe"):
+        devices = [placement.update() for _ in range(5)]
+    assert reported == [True, True, False, False, False, True]
+    assert all(d.type == "cpu" for d in devices)
+    assert [r.getMessage() for r in caplog.records] == [
+        "actvpipe: generator moved to the CPU, cpu (buffer 90% full)",
+        "actvpipe: generator moved to the GPU, cpu (buffer 10% full)",
+    ]
+
+
+def test_fixed_device_never_moves(model_dir):
+    placement = Placement(nn.Linear(2, 2), "cpu", fill=lambda: 0.0)
+    assert placement.update() == torch.device("cpu") and not placement.on_gpu
+
+
+def test_auto_without_cuda_runs_on_the_cpu(model_dir, texts):
+    if torch.cuda.is_available():
+        pytest.skip("checks the fallback without CUDA")
+    assert actvpipe.stream(model_dir, texts[:2], context_length=CTX, device="auto").spec.device == "cpu"
+
+
+def test_model_dtype_apart_from_buffer_dtype(model_dir, texts):
+    """A bfloat16 forward into a float32 buffer: float32 rows within bfloat16's tolerance."""
+    docs = texts[:3]
+    _, rows = reference_pass(model_dir, docs, CTX)
+    expected = rows[:, 1:].reshape(-1, *rows.shape[2:])
+    stream = actvpipe.stream(model_dir, docs, context_length=CTX, model_dtype=torch.bfloat16)
+    with stream.buffer(10_000).batch(10_000, with_tokens=True) as loader:
+        batch = next(iter(loader))
+    assert batch.acts.dtype == torch.float32 and len(batch) == len(expected)
+    got = batch.acts[torch.argsort(batch.seq * CTX + batch.pos)]
+    torch.testing.assert_close(got, expected, rtol=0.1, atol=0.1)
+    assert not torch.equal(got, expected), "the forward really ran in bfloat16"
+    with pytest.raises(TypeError, match="model_dtype"):
+        actvpipe.stream(model_dir, docs, model_dtype=torch.int8)
+
+
+def test_gpu_script_runs_its_checks_here_in_smoke_mode():
+    """benchmarks/gpu.py's checks and table on this machine's CPU, so the GPU script cannot rot."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu", "--smoke"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("OK  ") == 4 and "FAIL" not in out.stdout
+    assert re.search(r"captured tokens/s / bare bf16 forward tokens/s +[\d,]+ +[\d,]+ +\d\.\d{3}", out.stdout)
