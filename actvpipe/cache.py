@@ -9,10 +9,16 @@ import torch
 from torchdata.nodes import Loader
 from tqdm import tqdm
 
+from actvpipe.capture import describe_capture
 from actvpipe.generator import build_rows_graph
 from actvpipe.hdf5 import Hdf5RowWriter, dtype_name
 from actvpipe.resume import ResumePlan
 from actvpipe.spec import StreamSpec
+
+PACKING_DESCRIPTIONS = {
+    "concat": "concat: documents + EOS, chunks of context_length - 1, BOS prepended",
+    "truncate": "truncate: one document per context: BOS + document + EOS, cut to context_length",
+}
 
 
 def cache_attrs(spec: StreamSpec) -> dict:
@@ -28,9 +34,11 @@ def cache_attrs(spec: StreamSpec) -> dict:
         "tokenizer": tokenizer,
         "dataset": spec.dataset.describe(),
         "layers": list(spec.layers),
+        "capture": describe_capture(spec.capture),
         "d_model": spec.d_model,
         "context_length": spec.context_length,
-        "packing": "concat: documents + EOS, chunks of context_length - 1, BOS prepended",
+        "packing": PACKING_DESCRIPTIONS[spec.packing],
+        "exclude_tokens": list(spec.exclude_tokens),
         "exclude_bos": spec.exclude_bos,
         "model_dtype": dtype_name(spec.compute_dtype),
         "actvpipe_version": __version__,

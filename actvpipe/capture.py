@@ -15,8 +15,18 @@ from torchdata.nodes import BaseNode
 from actvpipe.placement import Placement
 from actvpipe.text import ContextBlock
 
-# model_type -> (module whose input is the row's mlp_in, the MLP whose output is mlp_out), relative to
-# model.base_model, with {i} the layer index.
+# Capture points in the order a forward reaches them within one transformer block.
+CAPTURE_POINTS: dict[str, str] = {
+    "resid_pre": "input of the transformer block",
+    "resid_mid": "input of the layer norm feeding the MLP (the block input with parallel residual)",
+    "mlp_in": "input of the MLP module, after that layer norm",
+    "mlp_out": "output of the MLP module",
+    "resid_post": "output of the transformer block",
+}
+DEFAULT_CAPTURE = ("resid_mid", "mlp_out")
+
+# model_type -> (the layer norm feeding the MLP, the MLP), relative to model.base_model, {i} the
+# layer. The block is the MLP's parent module.
 CAPTURE_MODULES: dict[str, tuple[str, str]] = {
     "gpt2": ("h.{i}.ln_2", "h.{i}.mlp"),
     "gpt_neox": ("layers.{i}.post_attention_layernorm", "layers.{i}.mlp"),
@@ -24,17 +34,70 @@ CAPTURE_MODULES: dict[str, tuple[str, str]] = {
     "mistral": ("layers.{i}.post_attention_layernorm", "layers.{i}.mlp"),
     "qwen2": ("layers.{i}.post_attention_layernorm", "layers.{i}.mlp"),
     "gemma": ("layers.{i}.post_attention_layernorm", "layers.{i}.mlp"),
+    "gemma2": ("layers.{i}.pre_feedforward_layernorm", "layers.{i}.mlp"),
+    "gemma3_text": ("layers.{i}.pre_feedforward_layernorm", "layers.{i}.mlp"),
 }
 
 
-def capture_modules(model_type: str) -> tuple[str, str]:
-    """The (mlp_in, mlp_out) module templates for ``model_type``, or a clear error."""
+def check_capture(capture: Sequence[str]) -> tuple[str, str]:
+    """Two distinct capture points; the row's ``2`` axis follows their order."""
+    capture = tuple(capture) if not isinstance(capture, str) else (capture,)
+    bad = [c for c in capture if c not in CAPTURE_POINTS]
+    if len(capture) != 2 or bad or capture[0] == capture[1]:
+        raise ValueError(
+            f"capture: expected two distinct points of {list(CAPTURE_POINTS)}, got {capture!r}; "
+            f"the default is {DEFAULT_CAPTURE}"
+        )
+    return capture
+
+
+def describe_capture(capture: Sequence[str]) -> str:
+    """The definition of a capture pair, as recorded in HDF5 files."""
+    return "; ".join(f"{point}: {CAPTURE_POINTS[point]}" for point in capture)
+
+
+def capture_modules(model_type: str, modules: tuple[str, str] | None = None) -> tuple[str, str]:
+    """The (layer norm feeding the MLP, MLP) path templates: ``modules`` when given, else the table's."""
+    if modules is not None:
+        if (
+            isinstance(modules, str)
+            or len(modules) != 2
+            or not all(isinstance(m, str) and "{i}" in m for m in modules)
+        ):
+            raise ValueError(
+                "modules: expected two path templates with {i}, (norm feeding the MLP, MLP), e.g. "
+                f"{OVERRIDE_EXAMPLE!r}; got {modules!r}"
+            )
+        return tuple(modules)
     try:
         return CAPTURE_MODULES[model_type]
     except KeyError:
         raise ValueError(
-            f"model: architecture {model_type!r} is not supported yet; supported: {sorted(CAPTURE_MODULES)}"
+            f"model: architecture {model_type!r} has no capture table entry (known: "
+            f"{sorted(CAPTURE_MODULES)}); name its modules with modules={OVERRIDE_EXAMPLE!r}"
         ) from None
+
+
+OVERRIDE_EXAMPLE = ("model.layers.{i}.post_attention_layernorm", "model.layers.{i}.mlp")
+
+
+def find_module(model: nn.Module, template: str, i: int) -> nn.Module:
+    """The module at ``template`` for layer ``i``, relative to the base model or to the full model."""
+    path = template.format(i=i)
+    base = getattr(model, "base_model", model)
+    prefix = getattr(model, "base_model_prefix", "")
+    candidates = [(base, path), (model, path)]
+    if prefix and path.startswith(prefix + "."):
+        candidates.append((base, path[len(prefix) + 1 :]))
+    for root, candidate in candidates:
+        try:
+            return root.get_submodule(candidate)
+        except AttributeError:
+            continue
+    raise ValueError(
+        f"modules: {path!r} is not a module of this {type(model).__name__}; pass "
+        f"modules=(norm, mlp) templates such as {OVERRIDE_EXAMPLE!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -75,32 +138,49 @@ class _StopForward(Exception):
 
 
 class ActivationCapture:
-    """Pure capture: hooks on one model that write a forward's rows into a preallocated staging tensor."""
+    """Pure capture: hooks on one model that write a forward's rows into a preallocated staging tensor.
 
-    def __init__(self, model: nn.Module, layers: Sequence[int], first_pos: int):
+    The forward stops (``_StopForward``) right after the last needed hook, skipping later blocks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[int],
+        first_pos: int,
+        capture: Sequence[str] = DEFAULT_CAPTURE,
+        modules: tuple[str, str] | None = None,
+    ):
         self.model = model
         self.layers = list(layers)
         self.first_pos = first_pos
-        in_tpl, out_tpl = capture_modules(model.config.model_type)
-        base = model.base_model
+        capture = check_capture(capture)
+        norm_tpl, mlp_tpl = capture_modules(model.config.model_type, modules)
+        order = list(CAPTURE_POINTS)
+        last_point = max(capture, key=order.index)
         self._handles = []
         for j, layer in enumerate(self.layers):
-            mlp_in = base.get_submodule(in_tpl.format(i=layer))
-            mlp_out = base.get_submodule(out_tpl.format(i=layer))
-            self._handles.append(mlp_in.register_forward_pre_hook(self._saver(0, j, stop=False)))
-            last = j == len(self.layers) - 1
-            self._handles.append(mlp_out.register_forward_hook(self._saver(1, j, stop=last)))
+            mlp = find_module(model, mlp_tpl, layer)
+            block = find_module(model, mlp_tpl.rsplit(".", 1)[0], layer)
+            norm = find_module(model, norm_tpl, layer)
+            for side, point in enumerate(capture):
+                stop = j == len(self.layers) - 1 and point == last_point
+                save = self._saver(side, j, stop)
+                if point in ("resid_pre", "resid_mid", "mlp_in"):
+                    module = {"resid_pre": block, "resid_mid": norm, "mlp_in": mlp}[point]
+                    hook = module.register_forward_pre_hook(_input_hook(save), with_kwargs=True)
+                else:
+                    hook = (mlp if point == "mlp_out" else block).register_forward_hook(_output_hook(save))
+                self._handles.append(hook)
         self._stage: torch.Tensor | None = None
 
-    def _saver(self, side: int, j: int, stop: bool):
+    def _saver(self, side: int, j: int, stop: bool) -> Callable[[torch.Tensor], None]:
         def save(x: torch.Tensor) -> None:
             self._stage[:, :, side, j, :] = x[:, self.first_pos :, :]
             if stop:
                 raise _StopForward
 
-        if side == 0:
-            return lambda module, args: save(args[0])
-        return lambda module, args, output: save(output)
+        return save
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -121,6 +201,20 @@ class ActivationCapture:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def _input_hook(save: Callable[[torch.Tensor], None]):
+    def hook(module, args, kwargs):
+        save(args[0] if args else kwargs["hidden_states"])
+
+    return hook
+
+
+def _output_hook(save: Callable[[torch.Tensor], None]):
+    def hook(module, args, output):
+        save(output[0] if isinstance(output, tuple) else output)
+
+    return hook
 
 
 @dataclass
@@ -148,9 +242,11 @@ class CaptureNode(BaseNode[RowBlock]):
         capture: ActivationCapture,
         out_dtype: torch.dtype,
         placement: Placement,
+        exclude_tokens: Sequence[int] = (),
     ):
         super().__init__()
         self.contexts = contexts
+        self.exclude_tokens = np.asarray(exclude_tokens, dtype=np.int64)
         self.capture = capture
         self.out_dtype = out_dtype
         self.placement = placement
@@ -190,10 +286,23 @@ class CaptureNode(BaseNode[RowBlock]):
         self._state = current.contexts_state
         block, rows = current.block, current.rows
         next_block = (block.first_seq + len(block.tokens), *block.next_start)
-        return RowBlock(rows, row_provenance(block, self.capture.first_pos), next_block, computed=len(rows))
+        meta = row_provenance(block, self.capture.first_pos)
+        out = RowBlock(rows, meta, next_block, computed=len(rows))
+        keep = kept_rows(meta, block, self.exclude_tokens)
+        return out if keep is None else out.select(keep)
 
     def get_state(self) -> dict[str, Any]:
         return self._state
+
+
+def kept_rows(meta: dict[str, np.ndarray], block: ContextBlock, exclude: np.ndarray) -> np.ndarray | None:
+    """Which rows survive the token filters (excluded ids, padding), or None when all do."""
+    keep = np.ones(len(meta["row_id"]), dtype=bool)
+    if len(exclude):
+        keep &= ~np.isin(meta["token_ids"], exclude)
+    if block.lengths is not None:
+        keep &= meta["pos"] < block.lengths[meta["seq"] - block.first_seq]
+    return None if keep.all() else keep
 
 
 def row_provenance(block: ContextBlock, first_pos: int) -> dict[str, np.ndarray]:

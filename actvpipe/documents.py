@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Iterable, Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
 OFFLINE_HINT = (
@@ -55,8 +57,8 @@ def resolve_dataset(dataset: Any, text_column: str = "text") -> DatasetSource:
             f"dataset: expected a hub id, a path, a datasets.Dataset/IterableDataset or an iterable of "
             f"strings, got {type(dataset).__name__}"
         )
-    _check_first_document(source)
-    return source
+    column = _check_first_document(source)
+    return source if column == source.text_column else dataclasses.replace(source, text_column=column)
 
 
 def _resolve_path_or_hub(name: str, text_column: str) -> DatasetSource:
@@ -127,27 +129,32 @@ def document_blocks(
         record += len(values)
 
 
-def _texts(values: list, first_record: int, source: DatasetSource) -> list[tuple[int, str]]:
+def _texts(values: list, first_record: int, source: DatasetSource) -> list[tuple[int, str | np.ndarray]]:
+    """Non-empty documents: text, or token ids for a pretokenized column."""
     out = []
     for record, value in enumerate(values, first_record):
-        if value is None or value == "":
+        if value is None or (isinstance(value, str | list | tuple | np.ndarray) and len(value) == 0):
             continue
-        if not isinstance(value, str):
+        tokens = None if isinstance(value, str) else np.asarray(value)
+        if tokens is not None and (tokens.ndim != 1 or tokens.dtype.kind not in "iu"):
             raise TypeError(
                 f"dataset: column {source.text_column!r} of {source.describe()} holds "
-                f"{type(value).__name__}, not text; pass text_column= naming a text column"
+                f"{type(value).__name__}, not text or token ids; pass text_column= naming a text column"
             )
+        value = value if tokens is None else tokens
         out.append((record, value))
     return out
 
 
-def _check_first_document(source: DatasetSource) -> None:
+def _check_first_document(source: DatasetSource) -> str:
+    """Raise if the dataset is empty or lacks the column; return the column to read (a default
+    ``"text"`` missing from a pretokenized dataset becomes its ``input_ids`` or ``tokens``)."""
     data = open_dataset(source)
     if isinstance(data, list):
         if not data:
             raise ValueError("dataset: the list of strings is empty; pass at least one document")
         _texts(data[:1], 0, source)
-        return
+        return source.text_column
     columns = getattr(data, "column_names", None)
     if columns is None:
         try:
@@ -161,7 +168,14 @@ def _check_first_document(source: DatasetSource) -> None:
             ) from exc
         columns = list(first)
     if source.text_column not in columns:
+        token_columns = [c for c in TOKEN_COLUMNS if c in columns]
+        if source.text_column == "text" and token_columns:
+            return token_columns[0]
         raise ValueError(_missing_column(source, columns))
+    return source.text_column
+
+
+TOKEN_COLUMNS = ("input_ids", "tokens")
 
 
 def _missing_column(source: DatasetSource, columns: list[str]) -> str:

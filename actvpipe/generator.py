@@ -53,11 +53,11 @@ def build_rows_graph(
     placement = Placement(model, spec.device, spec.watermarks, fill, report)
     tokenizer = load_tokenizer(spec.model.tokenizer)
     packer = PackedContexts(
-        DocumentBlocks(spec.dataset), tokenizer, spec.context_length, spec.generation_batch_size
+        DocumentBlocks(spec.dataset), tokenizer, spec.context_length, spec.generation_batch_size, spec.packing
     )
     contexts = Prefetcher(PlannedContexts(packer, plan), prefetch_factor=4)
-    capture = ActivationCapture(model, spec.layers, spec.first_pos)
-    rows = CaptureNode(contexts, capture, spec.dtype, placement)
+    capture = ActivationCapture(model, spec.layers, spec.first_pos, spec.capture, spec.modules)
+    rows = CaptureNode(contexts, capture, spec.dtype, placement, spec.exclude_tokens)
     return RowFilter(rows, plan)
 
 

@@ -22,10 +22,9 @@ import numpy as np
 import torch
 from torchdata.nodes import BaseNode
 
-from actvpipe.capture import FileRange, RowBlock
+from actvpipe.capture import DEFAULT_CAPTURE, FileRange, RowBlock, describe_capture
 
 FORMAT = "actvpipe-activations/1"
-CAPTURE = "mlp_in: input of the layer norm feeding the MLP; mlp_out: output of the MLP module"
 CHUNK_BYTES = 4 << 20
 READ_BYTES = 64 << 20
 BF16_STORAGE = "bfloat16-as-uint16"
@@ -84,7 +83,12 @@ class Hdf5RowWriter:
             k: self.file.create_dataset(k, (0,), np.int64, maxshape=(None,), chunks=(self.chunk_rows,))
             for k in META_DATASETS
         }
-        attrs = {**attrs, "format": FORMAT, "capture": CAPTURE, "dtype": dtype_name(dtype)}
+        attrs = {
+            "capture": describe_capture(DEFAULT_CAPTURE),
+            **attrs,
+            "format": FORMAT,
+            "dtype": dtype_name(dtype),
+        }
         attrs["storage"] = BF16_STORAGE if dtype == torch.bfloat16 else "native"
         self.file.attrs.update(attrs)
         self.rows = 0

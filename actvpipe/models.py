@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,25 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: str) -> PreTrain
     else:
         model = AutoModel.from_pretrained(source.ref, dtype=dtype)
     return model.to(device).eval()
+
+
+def check_capture_modules(
+    source: ModelSource,
+    config: PretrainedConfig,
+    layers: Sequence[int],
+    capture: tuple[str, str],
+    modules: tuple[str, str] | None,
+) -> None:
+    """Resolve every hooked module on a weightless (meta-device) copy of the model, so a wrong
+    ``modules=`` template or an unknown architecture fails before any process starts."""
+    from actvpipe.capture import ActivationCapture
+
+    if isinstance(source.ref, PreTrainedModel):
+        skeleton = source.ref
+    else:
+        with torch.device("meta"):
+            skeleton = AutoModel.from_config(config)
+    ActivationCapture(skeleton, layers, 0, capture, modules).remove()
 
 
 def model_dims(config: PretrainedConfig) -> tuple[int, int, int | None]:

@@ -21,7 +21,7 @@ from torchdata.nodes import BaseNode
 from actvpipe.capture import RowBlock
 from actvpipe.text import ContextBlock, PackedContexts
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ class BufferBatcher(BaseNode):
 
     def _disk_quota(self, extra: int = 0) -> int:
         """Disk rows still due: ``fraction`` of all rows published (and ``extra``), beyond a warm-up fill."""
-        return int(self.fraction * (sum(self._frontiers) + extra)) + self.min_fill - self._frontiers[1]
+        return int(self.fraction * (sum(self._published) + extra)) + self.min_fill - self._published[1]
 
     def _shares(self, need: int) -> list[int]:
         """How many of the next ``need`` published rows each source gives, in deterministic mode."""
@@ -106,18 +106,16 @@ class BufferBatcher(BaseNode):
             self._pass += 1
             plans, self._restoring = [ResumePlan.fresh() for _ in self.sources], None
             self._rng = np.random.default_rng([self.sources[0].seed, self._pass])
-            self._batches, self._frontiers = 0, [0] * len(self.sources)
+            self._batches = 0
+            self._frontiers, self._published = [0] * len(self.sources), [0] * len(self.sources)
         else:
             check_fingerprint(state["fingerprint"], self.fingerprint())
             plans, order = plans_from_state(state)
             self._restoring = (state, order, [len(p.buffered) for p in plans])
             self._rng = np.random.default_rng()
             self._rng.bit_generator.state = state["rng"]
-            self._pass, self._batches, self._frontiers = (
-                state["pass"],
-                state["batches"],
-                list(state["frontiers"]),
-            )
+            self._pass, self._batches = state["pass"], state["batches"]
+            self._frontiers, self._published = list(state["frontiers"]), list(state["published"])
         # While restoring, each source writes exactly its regenerated rows (then waits), so no source
         # can take the slots another needs for its own; ``_finish_restore`` lifts the caps.
         caps = self.caps() if state is None else [len(plan.buffered) for plan in plans]
@@ -190,7 +188,10 @@ class BufferBatcher(BaseNode):
         else:
             allowances = [self._allowance(k, done) for k in range(len(self.sources))]
         for k, allowance in enumerate(allowances):
-            self._frontiers[k] += buffer.publish(allowance, k)
+            slots = buffer.publish(allowance, k)
+            if len(slots):  # rows are published in generation order; ids may skip filtered rows
+                self._frontiers[k] = int(buffer.meta["row_id"][slots[-1]]) + 1
+                self._published[k] += len(slots)
         fill = buffer.fill()
         if fill >= self.min_fill:
             return True
@@ -219,7 +220,12 @@ class BufferBatcher(BaseNode):
         if self._restoring is not None:
             return self._restoring[0]
         buffer = self.run.buffer
-        sampler = {"rng": self._rng.bit_generator.state, "pass": self._pass, "batches": self._batches}
+        sampler = {
+            "rng": self._rng.bit_generator.state,
+            "pass": self._pass,
+            "batches": self._batches,
+            "published": list(self._published),
+        }
         full = buffer.meta_of(buffer.full[: buffer.fill()])
         continuations = [buffer.continuation(k) for k in range(len(self.sources))]
         return make_state(self.fingerprint(), self._frontiers, full, continuations, sampler)

@@ -227,11 +227,11 @@ class SharedRowBuffer:
         self.full[n_full : n_full + len(slots)] = slots
         self._set("n_full", n_full + len(slots))
 
-    def publish(self, max_rows: int, source: int = 0) -> int:
+    def publish(self, max_rows: int, source: int = 0) -> np.ndarray:
         """Move up to ``max_rows`` of the source's written slots, oldest first, into the full list."""
         slots = self.pop_written(max_rows, source)
         self.append_full(slots)
-        return len(slots)
+        return slots
 
     def continuation(self, source: int = 0) -> tuple[int, int, int]:
         """(seq, record, offset) starting the block of the source's oldest unpublished row, or of the

@@ -24,6 +24,8 @@ class StreamSpec:
     dataset: DatasetSource
     context_length: int
     layers: tuple[int, ...]
+    capture: tuple[str, str]
+    modules: tuple[str, str] | None
     d_model: int
     generation_batch_size: int
     dtype: torch.dtype
@@ -33,6 +35,8 @@ class StreamSpec:
     deterministic: bool = False
     threads: int | None = None
     model_dtype: torch.dtype | None = None  # None: the buffer's dtype
+    exclude_tokens: tuple[int, ...] = ()
+    packing: str = "concat"
     watermarks: tuple[float, float] = DEFAULT_WATERMARKS
 
     @property
@@ -63,11 +67,15 @@ class StreamSpec:
             "text_column": self.dataset.text_column,
             "context_length": self.context_length,
             "layers": list(self.layers),
+            "capture": list(self.capture),
+            "modules": None if self.modules is None else list(self.modules),
             "generation_batch_size": self.generation_batch_size,
             "dtype": str(self.dtype),
             "model_dtype": str(self.compute_dtype),
             "seed": self.seed,
             "exclude_bos": self.exclude_bos,
+            "exclude_tokens": list(self.exclude_tokens),
+            "packing": self.packing,
             "deterministic": self.deterministic,
         }
 
@@ -103,7 +111,6 @@ class Hdf5Spec:
         return {
             "files": [[f.path, f.rows] for f in self.files],
             "dtype": str(self.dtype),
-            "model_dtype": str(self.compute_dtype),
             "seed": self.seed,
             "deterministic": self.deterministic,
         }

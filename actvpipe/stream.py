@@ -12,15 +12,16 @@ import torch
 from torchdata.nodes import Loader
 from torchdata.nodes.loader import LoaderIterator
 
-from actvpipe.capture import capture_modules
+from actvpipe.capture import DEFAULT_CAPTURE, check_capture, describe_capture
 from actvpipe.documents import resolve_dataset
-from actvpipe.hdf5 import CAPTURE, FORMAT, check_matching, dtype_name, expand_paths, open_cache_file
-from actvpipe.models import model_dims, resolve_model
+from actvpipe.hdf5 import FORMAT, check_matching, dtype_name, expand_paths, open_cache_file
+from actvpipe.models import check_capture_modules, model_dims, resolve_model
 from actvpipe.monitor import Monitor
 from actvpipe.placement import DEFAULT_WATERMARKS, check_watermarks
 from actvpipe.resume import check_fingerprint
 from actvpipe.sampling import BufferBatcher, TokenBatch
 from actvpipe.spec import Hdf5Spec, StreamSpec
+from actvpipe.text import PACKINGS
 
 GPT2_DEFAULTS = {
     "model": "openai-community/gpt2",
@@ -37,6 +38,8 @@ def stream(
     text_column: str = "text",
     context_length: int = 1024,
     layers: Sequence[int] | None = None,
+    capture: Sequence[str] = DEFAULT_CAPTURE,
+    modules: tuple[str, str] | None = None,
     generation_batch_size: int = 32,
     dtype: torch.dtype = torch.float32,
     model_dtype: torch.dtype | None = None,
@@ -44,6 +47,8 @@ def stream(
     watermarks: tuple[float, float] = DEFAULT_WATERMARKS,
     seed: int = 0,
     exclude_bos: bool = True,
+    exclude_tokens: Sequence[int] = (),
+    packing: str = "concat",
     deterministic: bool = False,
 ) -> ActivationStream:
     """Describe a stream of MLP-in/MLP-out activations of ``model`` over ``dataset``.
@@ -60,8 +65,8 @@ def stream(
             raise TypeError(f"{name}: expected a floating torch.dtype such as torch.float32, got {value!r}")
     device = resolve_device(device)
     watermarks = check_watermarks(watermarks)
+    capture = check_capture(capture)
     source, config = resolve_model(model, tokenizer)
-    capture_modules(config.model_type)
     n_layers, d_model, max_len = model_dims(config)
     _check_positive_int("context_length", context_length)
     if context_length < 2:
@@ -72,12 +77,18 @@ def stream(
             f"pass context_length={max_len} or less"
         )
     layers = _check_layers(layers, n_layers)
+    if packing not in PACKINGS:
+        raise ValueError(f"packing: expected one of {PACKINGS}, got {packing!r}")
+    exclude_tokens = _check_token_ids(exclude_tokens, config)
+    check_capture_modules(source, config, layers, capture, modules)
     dataset_source = resolve_dataset(dataset, text_column)
     spec = StreamSpec(
         model=source,
         dataset=dataset_source,
         context_length=context_length,
         layers=layers,
+        capture=capture,
+        modules=None if modules is None else tuple(modules),
         d_model=d_model,
         generation_batch_size=generation_batch_size,
         dtype=dtype,
@@ -86,6 +97,8 @@ def stream(
         watermarks=watermarks,
         seed=seed,
         exclude_bos=exclude_bos,
+        exclude_tokens=exclude_tokens,
+        packing=packing,
         deterministic=deterministic,
     )
     return ActivationStream(spec)
@@ -113,6 +126,22 @@ def resolve_device(device: str) -> str:
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
+
+def _check_token_ids(ids: Sequence[int], config: Any) -> tuple[int, ...]:
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if isinstance(ids, int | str):
+        ids = [ids]
+    bad = [
+        i
+        for i in ids
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0 or (vocab is not None and i >= vocab)
+    ]
+    if bad:
+        raise ValueError(
+            f"exclude_tokens: {bad} are not token ids of this model (0..{vocab}); pass integer ids"
+        )
+    return tuple(sorted(set(ids)))
 
 
 def _check_layers(layers: Sequence[int] | None, n_layers: int) -> tuple[int, ...]:
@@ -208,7 +237,7 @@ class ActivationStream:
         disk = from_hdf5(paths).spec
         expected = {
             "format": FORMAT,
-            "capture": CAPTURE,
+            "capture": describe_capture(self.spec.capture),
             "layers": list(self.spec.layers),
             "d_model": self.spec.d_model,
             "dtype": dtype_name(self.spec.dtype),

@@ -49,6 +49,24 @@ def pack_contexts(
     return contexts, starts, flat[n * body :].copy()
 
 
+def truncate_contexts(
+    docs: Sequence[Sequence[int]], context_length: int, bos_id: int, eos_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One context per document: BOS, the document and EOS, cut to ``context_length``, padded with
+    EOS. Returns the ``[n, context_length]`` contexts and each one's length before padding."""
+    contexts = np.full((len(docs), context_length), eos_id, dtype=np.int64)
+    contexts[:, 0] = bos_id
+    lengths = np.zeros(len(docs), dtype=np.int64)
+    for j, doc in enumerate(docs):
+        body = np.asarray(doc, dtype=np.int64)[: context_length - 1]
+        contexts[j, 1 : 1 + len(body)] = body
+        lengths[j] = min(len(body) + 2, context_length)  # the EOS after the document counts
+    return contexts, lengths
+
+
+PACKINGS = ("concat", "truncate")
+
+
 @dataclass
 class ContextBlock:
     """Consecutive packed contexts: ``tokens[j]`` is global context number ``first_seq + j``.
@@ -61,6 +79,7 @@ class ContextBlock:
     first_seq: int
     start: tuple[int, int]
     next_start: tuple[int, int]
+    lengths: np.ndarray | None = None  # per context, positions before padding (None: no padding)
 
 
 class DocumentBlocks(BaseNode[list]):
@@ -92,13 +111,19 @@ class PackedContexts(BaseNode[ContextBlock]):
     """
 
     def __init__(
-        self, documents: BaseNode[list], tokenizer: Any, context_length: int, contexts_per_block: int
+        self,
+        documents: BaseNode[list],
+        tokenizer: Any,
+        context_length: int,
+        contexts_per_block: int,
+        packing: str = "concat",
     ):
         super().__init__()
         self.documents = documents
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.contexts_per_block = contexts_per_block
+        self.packing = packing
         self.bos_id, self.eos_id = special_token_ids(tokenizer)
 
     def reset(self, initial_state: dict | None = None) -> None:
@@ -110,16 +135,19 @@ class PackedContexts(BaseNode[ContextBlock]):
         self._carry_start = self._skip
         self._pending = np.zeros((0, self.context_length), dtype=np.int64)
         self._pending_starts = np.zeros((0, 2), dtype=np.int64)
+        self._pending_lengths = np.zeros(0, dtype=np.int64)
         self._next_seq = state["next_seq"]
 
     def _read_documents(self) -> None:
         block = next(self.documents)
         records = [record for record, _ in block]
-        ids = (
-            self.tokenizer([text for _, text in block], add_special_tokens=False)["input_ids"]
-            if block
-            else []
-        )
+        ids = self._tokenize([doc for _, doc in block])
+        if self.packing == "truncate":
+            contexts, lengths = truncate_contexts(ids, self.context_length, self.bos_id, self.eos_id)
+            self._carry_start = (self.documents.state_dict()["record"], 0)
+            starts = np.array([(r, 0) for r in records], dtype=np.int64).reshape(-1, 2)
+            self._append(contexts, starts, lengths)
+            return
         if records and self._skip is not None and records[0] == self._skip[0] and self._skip[1]:
             self._carry = np.array([*ids[0], self.eos_id], dtype=np.int64)[self._skip[1] :]
             records, ids = records[1:], ids[1:]
@@ -128,8 +156,22 @@ class PackedContexts(BaseNode[ContextBlock]):
             ids, records, self._carry, self._carry_start, self.context_length, self.bos_id, self.eos_id
         )
         self._carry_start = tuple(starts[-1])
+        self._append(contexts, starts[:-1], np.full(len(contexts), self.context_length))
+
+    def _tokenize(self, docs: list) -> list:
+        """Token ids of each document; pretokenized documents (arrays of ids) pass through."""
+        texts = [j for j, doc in enumerate(docs) if isinstance(doc, str)]
+        ids = list(docs)
+        if texts:
+            encoded = self.tokenizer([docs[j] for j in texts], add_special_tokens=False)["input_ids"]
+            for j, tokens in zip(texts, encoded, strict=True):
+                ids[j] = tokens
+        return ids
+
+    def _append(self, contexts: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> None:
         self._pending = np.concatenate([self._pending, contexts])
-        self._pending_starts = np.concatenate([self._pending_starts, starts[:-1]])
+        self._pending_starts = np.concatenate([self._pending_starts, starts])
+        self._pending_lengths = np.concatenate([self._pending_lengths, lengths])
 
     def _next_start(self) -> tuple[int, int]:
         return tuple(int(v) for v in (self._pending_starts[0] if len(self._pending) else self._carry_start))
@@ -145,9 +187,14 @@ class PackedContexts(BaseNode[ContextBlock]):
         start = self._next_start()
         k = self.contexts_per_block
         tokens, self._pending = self._pending[:k], self._pending[k:]
+        lengths, self._pending_lengths = self._pending_lengths[:k], self._pending_lengths[k:]
         self._pending_starts = self._pending_starts[k:]
         block = ContextBlock(
-            tokens=tokens, first_seq=self._next_seq, start=start, next_start=self._next_start()
+            tokens=tokens,
+            first_seq=self._next_seq,
+            start=start,
+            next_start=self._next_start(),
+            lengths=None if (lengths == self.context_length).all() else lengths,
         )
         self._next_seq += len(tokens)
         return block

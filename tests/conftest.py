@@ -34,13 +34,15 @@ def texts() -> list[str]:
 
 @pytest.fixture(autouse=True)
 def no_leaked_shared_memory():
-    """Every test must leave /dev/shm as it found it."""
-    before = {n for n in os.listdir("/dev/shm") if n.startswith("actvpipe_")}
+    """Every test must leave /dev/shm as it found it (blocks this process named; other test runs on
+    the machine may come and go)."""
+    mine = f"actvpipe_{os.getpid()}_"
+    before = {n for n in os.listdir("/dev/shm") if n.startswith(mine)}
     yield
     import gc
 
     gc.collect()
-    after = {n for n in os.listdir("/dev/shm") if n.startswith("actvpipe_")}
+    after = {n for n in os.listdir("/dev/shm") if n.startswith(mine)}
     assert after <= before, f"leaked shared memory: {sorted(after - before)}"
 
 

@@ -1,0 +1,165 @@
+"""Architectures and capture points: tiny models built from each config; served rows equal an
+independent forward-hook computation; each capture point checked against its definition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from conftest import reference_contexts
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+import actvpipe
+from actvpipe.capture import ActivationCapture
+
+CTX = 32
+SMALL = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, "num_hidden_layers": 2}
+CONFIGS = {
+    "gpt2": ("GPT2Config", {"n_embd": 64, "n_head": 4, "n_layer": 2}),
+    "gpt_neox": ("GPTNeoXConfig", {**SMALL, "use_parallel_residual": True}),
+    "llama": ("LlamaConfig", {**SMALL, "num_key_value_heads": 2}),
+    "mistral": ("MistralConfig", {**SMALL, "num_key_value_heads": 2}),
+    "qwen2": ("Qwen2Config", {**SMALL, "num_key_value_heads": 2}),
+    "gemma": ("GemmaConfig", {**SMALL, "head_dim": 16, "num_key_value_heads": 2}),
+    "gemma2": ("Gemma2Config", {**SMALL, "head_dim": 16, "num_key_value_heads": 2}),
+    "phi3": ("Phi3Config", {**SMALL, "num_key_value_heads": 2}),  # not in the table: needs modules=
+}
+# This test's own view of each architecture: (decoder layers, norm feeding the MLP), from the full model.
+LAYOUT = {
+    "gpt2": ("transformer.h", "ln_2"),
+    "gpt_neox": ("gpt_neox.layers", "post_attention_layernorm"),
+    "gemma2": ("model.layers", "pre_feedforward_layernorm"),
+}
+PHI3_MODULES = ("model.layers.{i}.post_attention_layernorm", "model.layers.{i}.mlp")
+
+
+def layout(arch: str) -> tuple[str, str]:
+    return LAYOUT.get(arch, ("model.layers", "post_attention_layernorm"))
+
+
+@pytest.fixture(scope="module")
+def arch_dirs(tmp_path_factory, model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    out = {}
+    for arch, (config_class, kwargs) in CONFIGS.items():
+        config = getattr(transformers, config_class)(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+            **({"n_positions": 256} if arch == "gpt2" else {"max_position_embeddings": 256}),
+            **kwargs,
+        )
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(arch)
+        AutoModelForCausalLM.from_config(config).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        out[arch] = path
+    return out
+
+
+def reference(path, arch: str, contexts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every capture point ``[n_ctx, ctx, n_layers, d]`` by plain hooks on the full causal-LM model."""
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    layers_path, norm_name = layout(arch)
+    saved: dict[tuple[str, int], torch.Tensor] = {}
+
+    def pre(name, i):
+        return lambda m, a, k: saved.__setitem__((name, i), (a[0] if a else k["hidden_states"]).clone())
+
+    def post(name, i):
+        return lambda m, a, o: saved.__setitem__((name, i), (o[0] if isinstance(o, tuple) else o).clone())
+
+    for i, block in enumerate(model.get_submodule(layers_path)):
+        block.register_forward_pre_hook(pre("resid_pre", i), with_kwargs=True)
+        getattr(block, norm_name).register_forward_pre_hook(pre("resid_mid", i), with_kwargs=True)
+        block.mlp.register_forward_pre_hook(pre("mlp_in", i), with_kwargs=True)
+        block.mlp.register_forward_hook(post("mlp_out", i))
+        block.register_forward_hook(post("resid_post", i))
+    points = {}
+    with torch.no_grad():
+        for name in ("resid_pre", "resid_mid", "mlp_in", "mlp_out", "resid_post"):
+            points[name] = []
+        for ctx in contexts:
+            model(ctx[None])
+            for name in points:
+                points[name].append(torch.stack([saved[(name, i)][0] for i in range(2)], 1))
+    return {name: torch.stack(values) for name, values in points.items()}
+
+
+@pytest.fixture(scope="module")
+def contexts(arch_dirs, texts):
+    """Each model's contexts, packed with its own saved tokenizer (AutoTokenizer may pick a class per
+    architecture, which can split text differently)."""
+    return {arch: reference_contexts(path, texts[:2], CTX) for arch, path in arch_dirs.items()}
+
+
+@pytest.mark.parametrize("arch", [a for a in CONFIGS if a != "phi3"])
+def test_served_rows_equal_forward_hooks(arch, arch_dirs, texts, contexts):
+    capture = ("resid_mid", "mlp_out") if arch != "gemma2" else ("mlp_in", "resid_post")
+    stream = actvpipe.stream(arch_dirs[arch], texts[:2], context_length=CTX, capture=capture)
+    with stream.buffer(5000).batch(5000, with_tokens=True) as loader:
+        batch = next(iter(loader))
+    ref = reference(arch_dirs[arch], arch, contexts[arch])
+    expected = torch.stack([ref[capture[0]], ref[capture[1]]], 2)[:, 1:].reshape(-1, 2, 2, 64)
+    assert len(batch) == len(expected)
+    got = batch.acts[torch.argsort(batch.seq * CTX + batch.pos)]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "gemma2"])
+def test_capture_points_match_their_definitions(arch, arch_dirs, contexts):
+    """In-process: each point as captured, related to the others as its definition says."""
+    contexts = contexts[arch]
+    model = AutoModel.from_pretrained(arch_dirs[arch]).eval()
+    got = {}
+    for pair in (("resid_pre", "resid_mid"), ("mlp_in", "mlp_out"), ("resid_post", "resid_pre")):
+        capture = ActivationCapture(model, [0, 1], 0, pair)
+        rows = capture(contexts).clone().view(len(contexts), CTX, 2, 2, 64)
+        capture.remove()
+        got.update({pair[0]: rows[:, :, 0], pair[1]: rows[:, :, 1]})
+    ref = reference(arch_dirs[arch], arch, contexts)
+    for name, value in got.items():
+        torch.testing.assert_close(value, ref[name], rtol=1e-4, atol=1e-5, msg=name)
+    # Definitions: the block output is the next block's input; the MLP reads the normalised resid_mid.
+    torch.testing.assert_close(got["resid_post"][:, :, 0], got["resid_pre"][:, :, 1])
+    _, norm_name = layout(arch)
+    layers = model.h if arch == "gpt2" else model.layers
+    with torch.no_grad():
+        for i in range(2):
+            normed = getattr(layers[i], norm_name)(got["resid_mid"][:, :, i])
+            torch.testing.assert_close(got["mlp_in"][:, :, i], normed, rtol=1e-4, atol=1e-5)
+    if arch == "gpt_neox":  # parallel residual: the MLP's norm reads the block input
+        torch.testing.assert_close(got["resid_mid"], got["resid_pre"])
+    elif arch in ("gpt2", "llama"):  # sequential: the block output is resid_mid plus the MLP's output
+        torch.testing.assert_close(got["resid_post"], got["resid_mid"] + got["mlp_out"], rtol=1e-4, atol=1e-5)
+    else:  # gemma2 normalises the MLP output before adding it
+        with torch.no_grad():
+            post = torch.stack(
+                [layers[i].post_feedforward_layernorm(got["mlp_out"][:, :, i]) for i in range(2)], 2
+            )
+        torch.testing.assert_close(got["resid_post"], got["resid_mid"] + post, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_architecture_shows_the_override(arch_dirs, texts, contexts):
+    contexts = contexts["phi3"]
+    with pytest.raises(ValueError, match=r"'phi3'.*modules=\("):
+        actvpipe.stream(arch_dirs["phi3"], texts[:2], context_length=CTX)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.nope.*is not a module"):
+        actvpipe.stream(
+            arch_dirs["phi3"],
+            texts[:2],
+            context_length=CTX,
+            modules=("model.layers.{i}.nope", "model.layers.{i}.mlp"),
+        )
+    with pytest.raises(ValueError, match=r"capture: expected two distinct points"):
+        actvpipe.stream(arch_dirs["llama"], texts[:2], context_length=CTX, capture=("mlp_out", "mlp_out"))
+    stream = actvpipe.stream(arch_dirs["phi3"], texts[:2], context_length=CTX, modules=PHI3_MODULES)
+    assert stream.spec.modules == PHI3_MODULES
+    model = AutoModel.from_pretrained(arch_dirs["phi3"]).eval()
+    rows = ActivationCapture(model, [0, 1], 0, modules=PHI3_MODULES)(contexts).view(
+        len(contexts), CTX, 2, 2, 64
+    )
+    ref = reference(arch_dirs["phi3"], "phi3", contexts)
+    torch.testing.assert_close(rows[:, :, 0], ref["resid_mid"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rows[:, :, 1], ref["mlp_out"], rtol=1e-4, atol=1e-5)
