@@ -1,19 +1,22 @@
-"""The cache job: write a stream's finite pass, in generation order, to an HDF5 file (``to_hdf5``)."""
+"""In-process jobs over a stream's pass in generation order: the HDF5 cache (``to_hdf5``) and
+normalisation statistics."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchdata.nodes import Loader
 from tqdm import tqdm
 
-from actvpipe.capture import describe_capture
-from actvpipe.generator import build_rows_graph
-from actvpipe.hdf5 import Hdf5RowWriter, dtype_name
+from actvpipe.capture import RowBlock, describe_capture
+from actvpipe.hdf5 import Hdf5RowWriter, dtype_name, from_storage, storage_dtype
 from actvpipe.resume import ResumePlan
-from actvpipe.spec import StreamSpec
+from actvpipe.spec import Hdf5Spec, StreamSpec
+from actvpipe.stats import ActivationStats, Welford
 
 PACKING_DESCRIPTIONS = {
     "concat": "concat: documents + EOS, chunks of context_length - 1, BOS prepended",
@@ -45,6 +48,32 @@ def cache_attrs(spec: StreamSpec) -> dict:
     }
 
 
+def pass_blocks(spec: StreamSpec | Hdf5Spec, max_rows: int | None = None) -> Iterator[tuple[RowBlock, int]]:
+    """``(block, rows to use)`` of the pass in generation order, computed or read in this process,
+    stopping after ``max_rows`` rows."""
+    used = 0
+    for block in Loader(spec.rows_graph(ResumePlan.fresh())):
+        if block.rows is None:  # read from a file: materialise it
+            array = np.empty((len(block), *spec.row_shape), storage_dtype(spec.dtype))
+            block.read_into(array.view(np.uint8), 0, len(block))
+            block.rows = from_storage(array, spec.dtype)
+        take = len(block) if max_rows is None else min(len(block), max_rows - used)
+        yield block, take
+        used += take
+        if used == max_rows:
+            return
+
+
+def compute_stats(spec: StreamSpec | Hdf5Spec, rows: int) -> ActivationStats:
+    """Mean, std and mean norm over the first ``rows`` rows of the pass (fewer if the pass is shorter)."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows <= 0:
+        raise ValueError(f"stats rows: expected a positive integer, got {rows!r}")
+    welford = Welford()
+    for block, take in pass_blocks(spec, rows):
+        welford.update(block.rows[:take])
+    return welford.result()
+
+
 def write_cache(
     spec: StreamSpec,
     path: str | os.PathLike,
@@ -52,19 +81,20 @@ def write_cache(
     dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> Path:
-    """Run the model over the stream in this process and write its rows (at most ``max_rows``)."""
+    """Run the model over the stream in this process and write its rows (at most ``max_rows``), with
+    their statistics."""
     if max_rows is not None and (not isinstance(max_rows, int) or max_rows <= 0):
         raise ValueError(f"max_rows: expected a positive integer or None, got {max_rows!r}")
     dtype = dtype or spec.dtype
     writer = Hdf5RowWriter(path, spec.row_shape, dtype, cache_attrs(spec))
+    welford = Welford()
     try:
         bar = tqdm(total=max_rows, unit="rows", unit_scale=True, disable=not progress, desc="actvpipe cache")
         with bar:
-            for block in Loader(build_rows_graph(spec, ResumePlan.fresh())):
-                remaining = None if max_rows is None else max_rows - writer.rows
-                bar.update(writer.write(block, remaining))
-                if writer.rows == max_rows:
-                    break
+            for block, take in pass_blocks(spec, max_rows):
+                bar.update(writer.write(block, take))
+                welford.update(block.rows[:take].to(dtype))
+        writer.write_stats(welford.result())
     except BaseException:
         writer.abort()
         raise

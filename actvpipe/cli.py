@@ -30,14 +30,11 @@ def demo(args: argparse.Namespace) -> None:
     print(f"served {rows:,} rows in {elapsed:.1f}s ({rows / elapsed:,.0f} rows/s, generator start included)")
 
 
-def cache(args: argparse.Namespace) -> None:
-    """Write a model's activations over a dataset to an HDF5 file (a finite pass, or --max-rows)."""
-    import torch
-
+def _stream(args: argparse.Namespace):
     import actvpipe
 
     layers = [int(i) for i in args.layers.split(",")] if args.layers else None
-    stream = actvpipe.stream(
+    return actvpipe.stream(
         args.model,
         args.dataset,
         text_column=args.text_column,
@@ -46,8 +43,47 @@ def cache(args: argparse.Namespace) -> None:
         generation_batch_size=args.generation_batch_size,
         device=args.device,
     )
-    path = stream.to_hdf5(args.out, max_rows=args.max_rows, dtype=getattr(torch, args.dtype))
+
+
+def _add_stream_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help="hub id or local directory")
+    p.add_argument("--dataset", required=required, help="hub id, file or directory (json/jsonl/txt/parquet)")
+    p.add_argument("--context-length", type=int, required=required)
+    p.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--generation-batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+
+
+def cache(args: argparse.Namespace) -> None:
+    """Write a model's activations over a dataset to an HDF5 file (a finite pass, or --max-rows)."""
+    import torch
+
+    path = _stream(args).to_hdf5(args.out, max_rows=args.max_rows, dtype=getattr(torch, args.dtype))
     print(f"wrote {path}")
+
+
+def stats(args: argparse.Namespace) -> None:
+    """Print normalisation statistics (mean, std, mean norm per side and layer) as JSON: of a stream's
+    first --rows rows, or of an HDF5 cache file's first --rows rows."""
+    import actvpipe
+
+    if args.file is not None:
+        stream = actvpipe.from_hdf5(args.file)
+    elif args.model and args.dataset and args.context_length:
+        stream = _stream(args)
+    else:
+        raise ValueError("pass an HDF5 file, or --model, --dataset and --context-length")
+    result = stream.stats(args.rows)
+    text = result.to_json()
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+    norms = ", ".join(f"{v:.3g}" for v in result.mean_norm.flatten().tolist())
+    print(f"{result.rows:,} rows; mean norm per side and layer: {norms}", file=sys.stderr)
 
 
 def bench(args: argparse.Namespace) -> None:
@@ -91,9 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=bench)
 
     p = commands.add_parser("cache", help=cache.__doc__, description=cache.__doc__)
-    p.add_argument("--model", required=True, help="hub id or local directory")
-    p.add_argument("--dataset", required=True, help="hub id, file or directory (json/jsonl/txt/parquet)")
-    p.add_argument("--context-length", type=int, required=True)
+    _add_stream_arguments(p)
     p.add_argument("--out", required=True, help="the .h5 file to write")
     p.add_argument(
         "--max-rows", type=int, default=None, help="stop after this many rows (default: the whole pass)"
@@ -101,11 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="storage dtype"
     )
-    p.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--generation-batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
     p.set_defaults(run=cache)
+
+    p = commands.add_parser("stats", help=stats.__doc__, description=stats.__doc__)
+    p.add_argument("file", nargs="?", default=None, help="an HDF5 cache file (else a stream, below)")
+    _add_stream_arguments(p, required=False)
+    p.add_argument("--rows", type=int, default=100_000, help="rows to compute over (default 100000)")
+    p.add_argument("--out", default=None, help="write the JSON here instead of stdout")
+    p.set_defaults(run=stats)
 
     p = commands.add_parser("inspect", help=inspect.__doc__, description=inspect.__doc__)
     p.add_argument("file")

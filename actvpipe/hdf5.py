@@ -23,6 +23,7 @@ import torch
 from torchdata.nodes import BaseNode
 
 from actvpipe.capture import DEFAULT_CAPTURE, FileRange, RowBlock, describe_capture
+from actvpipe.stats import ActivationStats
 
 FORMAT = "actvpipe-activations/1"
 CHUNK_BYTES = 4 << 20
@@ -125,6 +126,15 @@ class Hdf5RowWriter:
 
     def _write_chunk(self, row: int, rows: np.ndarray) -> None:
         self.acts.id.write_direct_chunk((row, *[0] * (rows.ndim - 1)), np.ascontiguousarray(rows))
+
+    def write_stats(self, stats: ActivationStats) -> None:
+        """Statistics of the rows written, as datasets ``stats/mean``, ``stats/std`` ``[2, n_layers,
+        d_model]`` and ``stats/mean_norm`` ``[2, n_layers]`` with attribute ``rows`` (too large for
+        attributes, which HDF5 limits to 64 KiB)."""
+        group = self.file.create_group("stats")
+        group.attrs["rows"] = stats.rows
+        for key in ("mean", "std", "mean_norm"):
+            group.create_dataset(key, data=getattr(stats, key).numpy())
 
     def finish(self) -> Path:
         if self._in_partial:

@@ -11,9 +11,11 @@ import numpy as np
 import torch
 from torchdata.nodes import BaseNode
 
+from actvpipe.cache import compute_stats
 from actvpipe.generator import GeneratorRun
 from actvpipe.resume import ResumePlan, check_fingerprint, make_state, order_slots, plans_from_state
 from actvpipe.spec import Hdf5Spec, StreamSpec
+from actvpipe.stats import ActivationStats, Normalization
 
 
 @dataclass
@@ -52,6 +54,8 @@ class BufferBatcher(BaseNode):
         min_fill: int,
         with_tokens: bool,
         fraction: float | None = None,
+        normalize: str | None = None,
+        stats_rows: int = 100_000,
     ):
         super().__init__()
         self.sources = list(sources)
@@ -61,6 +65,9 @@ class BufferBatcher(BaseNode):
         self.min_fill = max(min_fill, batch_size)
         self.with_tokens = with_tokens
         self.fraction = fraction
+        self.normalize, self.stats_rows = normalize, stats_rows
+        self.normalization: Normalization | None = None
+        self._stats: ActivationStats | None = None
         self.deterministic = self.sources[0].deterministic
         self.run = None
         self._pass = 0
@@ -69,7 +76,20 @@ class BufferBatcher(BaseNode):
         out = dict(self.sources[0].fingerprint())
         for k, source in enumerate(self.sources[1:], 1):
             out.update({f"source{k}.{key}": v for key, v in source.fingerprint().items()})
-        return {**out, "buffer_size": self.size, "min_fill": self.min_fill, "hdf5_fraction": self.fraction}
+        return {
+            **out,
+            "buffer_size": self.size,
+            "min_fill": self.min_fill,
+            "hdf5_fraction": self.fraction,
+            "normalize": self.normalize,
+            "stats_rows": self.stats_rows if self.normalize else None,
+        }
+
+    def stats(self) -> ActivationStats:
+        """Statistics of the first ``stats_rows`` rows of the (first source's) pass, computed once."""
+        if self._stats is None:
+            self._stats = compute_stats(self.sources[0], self.stats_rows)
+        return self._stats
 
     def caps(self) -> list[int]:
         """Rows each source may hold written but unpublished: a rationed disk source gets a quarter.
@@ -102,6 +122,8 @@ class BufferBatcher(BaseNode):
         if state is None and self.run is not None and not self.run.used:
             return
         self.close()
+        if state is None and self.normalize and self.normalization is None:
+            self.normalization = Normalization.from_stats(self.normalize, self.stats())
         if state is None:
             self._pass += 1
             plans, self._restoring = [ResumePlan.fresh() for _ in self.sources], None
@@ -116,6 +138,8 @@ class BufferBatcher(BaseNode):
             self._rng.bit_generator.state = state["rng"]
             self._pass, self._batches = state["pass"], state["batches"]
             self._frontiers, self._published = list(state["frontiers"]), list(state["published"])
+            saved = state["normalization"]
+            self.normalization = None if saved is None else Normalization.from_state(saved)
         # While restoring, each source writes exactly its regenerated rows (then waits), so no source
         # can take the slots another needs for its own; ``_finish_restore`` lifts the caps.
         caps = self.caps() if state is None else [len(plan.buffered) for plan in plans]
@@ -210,6 +234,8 @@ class BufferBatcher(BaseNode):
         slots = buffer.take(self.batch_size, self._rng)
         try:
             acts = buffer.gather(slots)
+            if self.normalization is not None:
+                self.normalization.apply_(acts)
             out = TokenBatch(acts, **buffer.provenance(slots)) if self.with_tokens else acts
         finally:
             buffer.release(slots)
@@ -225,6 +251,7 @@ class BufferBatcher(BaseNode):
             "pass": self._pass,
             "batches": self._batches,
             "published": list(self._published),
+            "normalization": None if self.normalization is None else self.normalization.to_state(),
         }
         full = buffer.meta_of(buffer.full[: buffer.fill()])
         continuations = [buffer.continuation(k) for k in range(len(self.sources))]

@@ -12,6 +12,7 @@ import torch
 from torchdata.nodes import Loader
 from torchdata.nodes.loader import LoaderIterator
 
+from actvpipe.cache import compute_stats
 from actvpipe.capture import DEFAULT_CAPTURE, check_capture, describe_capture
 from actvpipe.documents import resolve_dataset
 from actvpipe.hdf5 import FORMAT, check_matching, dtype_name, expand_paths, open_cache_file
@@ -21,6 +22,7 @@ from actvpipe.placement import DEFAULT_WATERMARKS, check_watermarks
 from actvpipe.resume import check_fingerprint
 from actvpipe.sampling import BufferBatcher, TokenBatch
 from actvpipe.spec import Hdf5Spec, StreamSpec
+from actvpipe.stats import NORMALIZATIONS, ActivationStats, Normalization
 from actvpipe.text import PACKINGS
 
 GPT2_DEFAULTS = {
@@ -200,6 +202,8 @@ class ActivationStream:
         log_dir: str | os.PathLike | None = None,
         progress: bool | None = None,
         refresh_interval: float = 0.5,
+        normalize: str | None = None,
+        stats_rows: int = 100_000,
     ) -> BufferedStream:
         """A shuffle buffer of ``size`` rows; batches are served while it holds ``warmup * size`` rows.
 
@@ -208,6 +212,8 @@ class ActivationStream:
         disk delivers when it is None. A finite pass serves every live and every file row once.
         ``log_dir`` writes TensorBoard scalars; ``progress`` shows the one-line dashboard on stderr
         (default: when stderr is a terminal); both refresh every ``refresh_interval`` seconds.
+        ``normalize="sqrt_d"|"standardize"`` normalises served batches with statistics of the first
+        ``stats_rows`` rows, computed in this process when the loader first starts.
         """
         _check_positive_int("size", size)
         if not 0.0 <= warmup <= 1.0:
@@ -216,9 +222,17 @@ class ActivationStream:
             isinstance(refresh_interval, int | float) and refresh_interval > 0
         ):
             raise ValueError(f"refresh_interval: expected positive seconds, got {refresh_interval!r}")
+        if normalize is not None and normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize: expected one of {NORMALIZATIONS} or None, got {normalize!r}")
+        _check_positive_int("stats_rows", stats_rows)
         disk = () if hdf5 is None else (self._disk_source(hdf5, hdf5_fraction),)
         monitor = Monitor(log_dir, progress, refresh_interval)
-        return BufferedStream(self.spec, size, warmup, disk, hdf5_fraction, monitor)
+        return BufferedStream(self.spec, size, warmup, disk, hdf5_fraction, monitor, normalize, stats_rows)
+
+    def stats(self, rows: int = 100_000) -> ActivationStats:
+        """Mean, std (per element) and mean norm (per side and layer) of the first ``rows`` rows of the
+        pass, computed in this process (Welford, float64)."""
+        return compute_stats(self.spec, rows)
 
     def _disk_source(self, paths, fraction: float | None) -> Hdf5Spec:
         if not isinstance(self.spec, StreamSpec):
@@ -257,10 +271,13 @@ class BufferedStream:
         disk: tuple[Hdf5Spec, ...] = (),
         hdf5_fraction: float | None = None,
         monitor: Monitor | None = None,
+        normalize: str | None = None,
+        stats_rows: int = 100_000,
     ):
         self.spec, self.size, self.warmup = spec, size, warmup
         self.disk, self.hdf5_fraction = disk, hdf5_fraction
         self.monitor = monitor or Monitor(None, False, 1.0)
+        self.normalize, self.stats_rows = normalize, stats_rows
 
     def batch(self, batch_size: int, drop_last: bool = False, with_tokens: bool = False) -> ActivationLoader:
         """Batches of ``batch_size`` rows; ``with_tokens=True`` yields ``TokenBatch`` records."""
@@ -289,7 +306,15 @@ class ActivationLoader:
         min_fill = max(1, round(buffered.warmup * buffered.size))
         sources = [self.spec, *buffered.disk]
         self._node = BufferBatcher(
-            sources, buffered.size, batch_size, drop_last, min_fill, with_tokens, buffered.hdf5_fraction
+            sources,
+            buffered.size,
+            batch_size,
+            drop_last,
+            min_fill,
+            with_tokens,
+            buffered.hdf5_fraction,
+            buffered.normalize,
+            buffered.stats_rows,
         )
         self._loader = Loader(self._node)
         self._monitor = buffered.monitor
@@ -328,6 +353,15 @@ class ActivationLoader:
         check_fingerprint(state[LoaderIterator.ROOT_KEY]["fingerprint"], self._node.fingerprint())
         self._loader = Loader(self._node)  # torchdata 0.11 ignores a load after an earlier state_dict()
         self._loader.load_state_dict(state)
+
+    def stats(self) -> ActivationStats:
+        """Statistics of the first ``stats_rows`` rows (see ``.buffer``): tensors, and ``.to_json()``."""
+        return self._node.stats()
+
+    @property
+    def normalization(self) -> Normalization | None:
+        """The ``(x - shift) * scale`` applied to served batches, once started (None: raw rows)."""
+        return self._node.normalization
 
     def close(self) -> None:
         self._monitor.close()

@@ -62,18 +62,26 @@ def test_auto_without_cuda_runs_on_the_cpu(model_dir, texts):
     assert actvpipe.stream(model_dir, texts[:2], context_length=CTX, device="auto").spec.device == "cpu"
 
 
-def test_model_dtype_apart_from_buffer_dtype(model_dir, texts):
-    """A bfloat16 forward into a float32 buffer: float32 rows within bfloat16's tolerance."""
+@pytest.mark.parametrize(
+    "model_dtype, dtype, tolerance",
+    [
+        (torch.bfloat16, torch.float32, 0.1),  # bf16 forward into an fp32 buffer
+        (torch.float32, torch.bfloat16, 2e-2),  # fp32 forward, half the buffer memory
+        (torch.float16, torch.float16, 1e-2),
+    ],
+)
+def test_model_dtype_apart_from_buffer_dtype(model_dir, texts, model_dtype, dtype, tolerance):
+    """Rows in the buffer's dtype, each within its dtype's tolerance of the float32 reference."""
     docs = texts[:3]
     _, rows = reference_pass(model_dir, docs, CTX)
     expected = rows[:, 1:].reshape(-1, *rows.shape[2:])
-    stream = actvpipe.stream(model_dir, docs, context_length=CTX, model_dtype=torch.bfloat16)
+    stream = actvpipe.stream(model_dir, docs, context_length=CTX, model_dtype=model_dtype, dtype=dtype)
     with stream.buffer(10_000).batch(10_000, with_tokens=True) as loader:
         batch = next(iter(loader))
-    assert batch.acts.dtype == torch.float32 and len(batch) == len(expected)
-    got = batch.acts[torch.argsort(batch.seq * CTX + batch.pos)]
-    torch.testing.assert_close(got, expected, rtol=0.1, atol=0.1)
-    assert not torch.equal(got, expected), "the forward really ran in bfloat16"
+    assert batch.acts.dtype == dtype and len(batch) == len(expected)
+    got = batch.acts[torch.argsort(batch.seq * CTX + batch.pos)].float()
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+    assert not torch.equal(got, expected), "rows really went through the lower precision"
     with pytest.raises(TypeError, match="model_dtype"):
         actvpipe.stream(model_dir, docs, model_dtype=torch.int8)
 
