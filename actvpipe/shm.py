@@ -23,7 +23,8 @@ from actvpipe.slots import remove_positions, sample_positions
 
 SHM_DIR = "/dev/shm"
 NEXT_BLOCK = ("next_block_seq", "next_block_record", "next_block_offset")
-HEADER = ("n_full", "n_free", "failed", "stop", "served", "error_len")
+# free[:identity] is implicitly free[i] == i: never written, so creating a buffer touches no page.
+HEADER = ("n_full", "n_free", "failed", "stop", "served", "error_len", "identity")
 # Each source (a generator process) has its own FIFO and these counters, from header index 16 on.
 SOURCE_FIELDS = ("written", "published", "done", "computed", "cap", "on_gpu", *NEXT_BLOCK)
 MAX_SOURCES = 4
@@ -89,8 +90,8 @@ class SharedRowBuffer:
         shm.close()
         buffer = cls(name, size, row_shape, dtype, lock, n_sources)
         buffer._shm = shm
-        buffer.free[:] = np.arange(size)
         buffer._set("n_free", size)
+        buffer._set("identity", size)
         for k in range(n_sources):
             buffer._set("cap", size, k)
         return buffer
@@ -135,10 +136,12 @@ class SharedRowBuffer:
     def claim(self, k: int) -> np.ndarray:
         """Take up to ``k`` free slots to write into (possibly none)."""
         with self.lock:
-            n_free = self.get("n_free")
-            k = min(k, n_free)
-            slots = self.free[n_free - k : n_free].copy()
-            self._set("n_free", n_free - k)
+            n_free, identity = self.get("n_free"), self.get("identity")
+            lo = n_free - min(k, n_free)
+            implicit = np.arange(lo, min(n_free, identity), dtype=np.int64)
+            slots = np.concatenate([implicit, self.free[max(lo, identity) : n_free]])
+            self._set("n_free", lo)
+            self._set("identity", min(identity, lo))
         return slots
 
     def write(self, slots: np.ndarray, block: RowBlock, lo: int, hi: int, source: int = 0) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,3 +65,33 @@ def bare_forward_tokens_per_s(
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+@dataclass(frozen=True)
+class Result:
+    """One row of the benchmark table: our measure, the baseline measured in the same run, the ratio."""
+
+    name: str
+    ours: str
+    baseline: str
+    ratio: float | None
+    target: str
+    note: str = ""
+
+
+def print_table(results: list[Result], command: str) -> None:
+    print(f"machine: {machine()}")
+    print(f"| {'benchmark':<58} | {'actvpipe':>18} | {'baseline':>18} | {'ratio':>6} | {'target':<10} | note")
+    print(f"| {'-' * 58} | {'-' * 18} | {'-' * 18} | {'-' * 6} | {'-' * 10} | ---")
+    for r in results:
+        ratio = "-" if r.ratio is None else f"{r.ratio:.3f}"
+        print(f"| {r.name:<58} | {r.ours:>18} | {r.baseline:>18} | {ratio:>6} | {r.target:<10} | {r.note}")
+    print(f"command: {command}")
+
+
+def cli(description: str, run: Callable[[bool], list[Result]], module: str) -> None:
+    """``python -m benchmarks.X [--quick]``: run one benchmark module and print its table rows."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="shorter timings and sizes")
+    args = parser.parse_args()
+    print_table(run(args.quick), f"python -m {module}{' --quick' if args.quick else ''}")

@@ -9,7 +9,6 @@ Run: python -m benchmarks.hdf5_io [--quick]
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -23,7 +22,7 @@ import torch
 import actvpipe
 from actvpipe.capture import RowBlock
 from actvpipe.hdf5 import META_DATASETS, Hdf5RowWriter
-from benchmarks.common import machine
+from benchmarks.common import Result, cli
 
 ROW = (2, 12, 768)
 
@@ -95,30 +94,36 @@ def read_rates(path: Path, rows: int) -> tuple[float, float]:
     return hdf5, plain
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="256 MiB instead of 1 GiB")
-    parser.add_argument("--rounds", type=int, default=5, help="paired read rounds (default 5)")
-    args = parser.parse_args()
-    n_rows = (256 << 20) // (np.prod(ROW) * 4) if args.quick else (1 << 30) // (np.prod(ROW) * 4)
-    data = blocks(int(n_rows), 1024)
+def results(quick: bool, rounds: int = 5) -> list[Result]:
+    n_rows = int((256 << 20 if quick else 1 << 30) // (np.prod(ROW) * 4))
+    data = blocks(n_rows, 1024)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.h5"
         write_hdf5, write_plain = write_rates(path, data)
         # Memory speed here drifts between runs: report the median of paired rounds.
-        reads = [read_rates(path, int(n_rows)) for _ in range(args.rounds)]
+        reads = [read_rates(path, n_rows) for _ in range(rounds)]
     read_hdf5, read_plain = (statistics.median(r[k] for r in reads) for k in (0, 1))
-    ratios = [ours / plain for ours, plain in reads]
-    print(f"machine: {machine()}; {int(n_rows):,} rows of {list(ROW)} float32")
-    print(f"{'measure':<40} {'actvpipe rows/s':>16} {'plain rows/s':>13} {'ratio':>6}  (target >= 0.7)")
-    for name, ours, plain in (
-        ("P6 write: Hdf5RowWriter / plain write", write_hdf5, write_plain),
-        ("P6 read: from_hdf5 into buffer / plain", read_hdf5, read_plain),
-    ):
-        print(f"{name:<40} {ours:>16,.0f} {plain:>13,.0f} {ours / plain:>6.3f}")
-    print(f"read ratio in each round: {', '.join(f'{r:.3f}' for r in ratios)}")
-    print(f"command: python -m benchmarks.hdf5_io{' --quick' if args.quick else ''}")
+    each = ", ".join(f"{ours / plain:.2f}" for ours, plain in reads)
+    size = f"{n_rows:,} GPT-2-small rows"
+    return [
+        Result(
+            "P6 HDF5 write: Hdf5RowWriter / plain sequential write",
+            f"{write_hdf5:,.0f} rows/s",
+            f"{write_plain:,.0f} rows/s",
+            write_hdf5 / write_plain,
+            ">= 0.7",
+            size,
+        ),
+        Result(
+            "P6 HDF5 read: from_hdf5 into the buffer / plain read",
+            f"{read_hdf5:,.0f} rows/s",
+            f"{read_plain:,.0f} rows/s",
+            read_hdf5 / read_plain,
+            ">= 0.7",
+            f"median of rounds {each}",
+        ),
+    ]
 
 
 if __name__ == "__main__":
-    main()
+    cli(__doc__, results, "benchmarks.hdf5_io")

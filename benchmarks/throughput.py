@@ -6,14 +6,13 @@ Run: python -m benchmarks.throughput [--quick]
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import time
 
 import actvpipe
 from actvpipe.demo import corpus_texts
-from benchmarks.common import bare_forward_tokens_per_s, build_gpt2, machine
+from benchmarks.common import Result, bare_forward_tokens_per_s, build_gpt2, cli
 
 
 def paired_ratios(
@@ -70,16 +69,15 @@ def run(quick: bool) -> list[tuple[str, str, float, float]]:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="one model shape, shorter timings")
-    args = parser.parse_args()
-    print(f"machine: {machine()}")
-    print(f"{'measure':<42} {'model':<20} {'median ratio':>12} {'spread':>7}  (target >= 0.95)")
-    for measure, name, ratio, spread in run(args.quick):
-        print(f"{measure:<42} {name:<20} {ratio:>12.3f} {spread:>7.3f}")
-    print(f"command: python -m benchmarks.throughput{' --quick' if args.quick else ''}")
+def results(quick: bool) -> list[Result]:
+    out = []
+    for measure, name, ratio, spread in run(quick):
+        mode = ", deterministic" if "deterministic" in measure else ""
+        title = f"P1 served rows/s / bare forward tokens/s, {name}{mode}"
+        note = f"median of paired windows, spread {spread:.3f}"
+        out.append(Result(title, "", "", ratio, ">= 0.95", note))
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    cli(__doc__, results, "benchmarks.throughput")

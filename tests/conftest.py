@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+
+# Before anything imports huggingface_hub, which reads these once: a hub lookup fails at once
+# instead of timing out on a machine without network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

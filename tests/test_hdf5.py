@@ -106,7 +106,8 @@ def gzip_copy(path, out):
     with h5py.File(path, "r") as src, h5py.File(out, "w") as dst:
         dst.attrs.update(src.attrs)
         for key, data in src.items():
-            dst.create_dataset(key, data=data[:], chunks=(100, *data.shape[1:]), compression="gzip")
+            if isinstance(data, h5py.Dataset):
+                dst.create_dataset(key, data=data[:], chunks=(100, *data.shape[1:]), compression="gzip")
     return out
 
 

@@ -1,0 +1,96 @@
+"""P3 and P4: what a loader costs to start and to hold.
+
+- P3: wall time of ``loader.start()`` (shared block created, generator process launched) for a
+  1 GB and a 16 GB buffer; pages are touched only when written, so it should be flat.
+- P4: peak resident memory of the training and generator processes (PSS: shared pages counted
+  once) ÷ (buffer bytes + model bytes), with the buffer full and batches being served.
+
+Run: python -m benchmarks.footprint [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import time
+
+import torch
+
+import actvpipe
+from actvpipe.demo import corpus_texts
+from actvpipe.monitor import memory_of
+from actvpipe.shm import buffer_nbytes
+from benchmarks.common import Result, build_gpt2, cli
+
+
+def start_ms(stream: actvpipe.ActivationStream, nbytes: int, repeats: int) -> float:
+    row_bytes = buffer_nbytes(1, stream.row_shape, stream.spec.dtype)
+    loader = stream.buffer(nbytes // row_bytes).batch(1024)
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        loader.start()
+        times.append(time.perf_counter() - begin)
+        loader.close()
+    return statistics.median(times) * 1e3
+
+
+def model_bytes(model_dir) -> int:
+    from transformers import AutoConfig, AutoModel
+
+    with torch.device("meta"):
+        model = AutoModel.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() * 4 for p in model.parameters())
+
+
+def peak_memory(model_dir, buffer_bytes: int) -> tuple[int, int]:
+    """(peak PSS of the training and generator processes, buffer bytes + model bytes), sampled
+    while batches are served from a full buffer."""
+    stream = actvpipe.stream(model_dir, corpus_texts() * 20, context_length=256, generation_batch_size=16)
+    size = buffer_bytes // buffer_nbytes(1, stream.row_shape, stream.spec.dtype)
+    expected = buffer_nbytes(size, stream.row_shape, stream.spec.dtype) + model_bytes(model_dir)
+    peak = 0
+    with stream.buffer(size, warmup=1.0).batch(1024) as loader:
+        it = iter(loader)
+        next(it)  # with warmup=1.0 the first batch waits for a full buffer
+        pids = [os.getpid(), *(p.pid for p in loader._node.run.processes)]
+        for _ in range(100):
+            next(it)
+            peak = max(peak, memory_of(pids))
+    return peak, expected
+
+
+def results(quick: bool) -> list[Result]:
+    stream = actvpipe.demo_stream()
+    start_ms(stream, 1 << 30, 1)  # the first start also launches multiprocessing's resource tracker
+    small, large = (start_ms(stream, n << 30, 3) for n in (1, 16))
+    model_dir = build_gpt2(4, 256, 4, n_positions=256)
+    try:
+        peak, expected = peak_memory(model_dir, (1 if quick else 4) << 30)
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    gib = 1 << 30
+    return [
+        Result("P3 start() latency, 1 GB buffer", f"{small:.1f} ms", "", None, "< 50 ms"),
+        Result(
+            "P3 start() latency, 16 GB buffer",
+            f"{large:.1f} ms",
+            f"{small:.1f} ms (1 GB)",
+            large / small,
+            "< 50 ms, flat",
+            "ratio: 16 GB / 1 GB",
+        ),
+        Result(
+            "P4 peak RSS (PSS) of all processes / (buffer + model)",
+            f"{peak / gib:.2f} GiB",
+            f"{expected / gib:.2f} GiB",
+            peak / expected,
+            "<= 1.1",
+            "includes two Python interpreters with torch",
+        ),
+    ]
+
+
+if __name__ == "__main__":
+    cli(__doc__, results, "benchmarks.footprint")

@@ -1,0 +1,104 @@
+"""P2 and P5: the cost of serving batches from a full buffer, through the serving path's own code
+(``take`` -> ``gather`` -> ``release`` on a real shared buffer), in this process.
+
+- P2: GB/s of batches of 5000 GPT-2-small rows ([2, 12, 768] float32, 73.7 KB) ÷ GB/s of a plain
+  ``copy_`` of the same number of bytes between two preallocated tensors, measured in the same run.
+- P5: seconds per batch of 1024 small rows with 10 million buffered rows ÷ with 10 thousand.
+
+Run: python -m benchmarks.serving [--quick]
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import numpy as np
+import torch
+
+from actvpipe.shm import SharedRowBuffer
+from benchmarks.common import Result, cli
+
+GPT2_SMALL_ROW = (2, 12, 768)
+SMALL_ROW = (2, 2, 16)
+
+
+def full_buffer(size: int, row_shape: tuple[int, ...]) -> SharedRowBuffer:
+    """A buffer whose every slot holds a row and is sampleable, as after the warm-up."""
+    buffer = SharedRowBuffer.create(size, row_shape, torch.float32, mp.get_context("spawn").Lock())
+    for lo in range(0, size, 4096):
+        rows = buffer.rows[lo : lo + 4096]
+        rows.copy_(torch.randn(rows.shape))
+    buffer.claim(size)
+    buffer.append_full(np.arange(size))
+    return buffer
+
+
+def seconds_per_batch(buffer: SharedRowBuffer, batch: int, seconds: float) -> float:
+    rng = np.random.default_rng(0)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        slots = buffer.take(batch, rng)
+        buffer.gather(slots)
+        buffer.release(slots)
+        buffer.claim(len(slots))  # the generator would refill them
+        buffer.append_full(slots)
+        n += 1
+    return (time.perf_counter() - start) / n
+
+
+def p2(quick: bool) -> tuple[float, float]:
+    """(served GB/s, plain copy GB/s) at batch 5000."""
+    batch, size = 5000, 10_000 if quick else 40_000
+    buffer = full_buffer(size, GPT2_SMALL_ROW)
+    try:
+        per_batch = seconds_per_batch(buffer, batch, 3.0 if quick else 10.0)
+    finally:
+        buffer.unlink()
+    nbytes = batch * int(np.prod(GPT2_SMALL_ROW)) * 4
+    src, dst = torch.randn(batch, *GPT2_SMALL_ROW), torch.empty(batch, *GPT2_SMALL_ROW)
+    dst.copy_(src)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < (3.0 if quick else 10.0):
+        dst.copy_(src)
+        n += 1
+    copy = (time.perf_counter() - start) / n
+    return nbytes / per_batch / 1e9, nbytes / copy / 1e9
+
+
+def p5(quick: bool) -> tuple[float, float]:
+    """(seconds per batch with 10M rows, with 10k rows), batch 1024 of small rows."""
+    out = []
+    for size in (10_000, 10_000_000):
+        buffer = full_buffer(size, SMALL_ROW)
+        try:
+            out.append(seconds_per_batch(buffer, 1024, 2.0 if quick else 6.0))
+        finally:
+            buffer.unlink()
+    return out[1], out[0]
+
+
+def results(quick: bool) -> list[Result]:
+    served, copy = p2(quick)
+    large, small = p5(quick)
+    return [
+        Result(
+            "P2 batch assembly, batch 5000 GPT-2-small rows / copy_",
+            f"{served:.2f} GB/s",
+            f"{copy:.2f} GB/s",
+            served / copy,
+            ">= 0.5",
+        ),
+        Result(
+            "P5 per-batch cost, 10M-row buffer / 10k-row buffer",
+            f"{large * 1e3:.3f} ms",
+            f"{small * 1e3:.3f} ms",
+            large / small,
+            "<= 1.2",
+            "batch 1024 of [2, 2, 16] rows",
+        ),
+    ]
+
+
+if __name__ == "__main__":
+    cli(__doc__, results, "benchmarks.serving")
