@@ -56,6 +56,8 @@ class BufferBatcher(BaseNode):
         fraction: float | None = None,
         normalize: str | None = None,
         stats_rows: int = 100_000,
+        reuse: bool = False,
+        pin_memory: bool = False,
     ):
         super().__init__()
         self.sources = list(sources)
@@ -66,6 +68,8 @@ class BufferBatcher(BaseNode):
         self.with_tokens = with_tokens
         self.fraction = fraction
         self.normalize, self.stats_rows = normalize, stats_rows
+        self.reuse, self.pin_memory = reuse or pin_memory, pin_memory
+        self._outputs: list[torch.Tensor] = []
         self.normalization: Normalization | None = None
         self._stats: ActivationStats | None = None
         self.deterministic = self.sources[0].deterministic
@@ -233,7 +237,7 @@ class BufferBatcher(BaseNode):
         buffer = self.run.buffer
         slots = buffer.take(self.batch_size, self._rng)
         try:
-            acts = buffer.gather(slots)
+            acts = buffer.gather(slots, self._output(len(slots)) if self.reuse else None)
             if self.normalization is not None:
                 self.normalization.apply_(acts)
             out = TokenBatch(acts, **buffer.provenance(slots)) if self.with_tokens else acts
@@ -241,6 +245,16 @@ class BufferBatcher(BaseNode):
             buffer.release(slots)
         self._batches += 1
         return out
+
+    def _output(self, n: int) -> torch.Tensor:
+        """The next of two preallocated (optionally pinned) batch tensors: a batch stays valid until
+        the batch after next is drawn."""
+        if not self._outputs:
+            shape = (self.batch_size, *self.sources[0].row_shape)
+            dtype = self.sources[0].dtype
+            self._outputs = [torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory) for _ in range(2)]
+        self._outputs.reverse()
+        return self._outputs[0][:n]
 
     def get_state(self) -> dict[str, Any]:
         if self._restoring is not None:

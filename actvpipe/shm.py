@@ -257,11 +257,18 @@ class SharedRowBuffer:
     def meta_of(self, slots: np.ndarray) -> dict[str, np.ndarray]:
         return {key: self.meta[key].numpy()[slots] for key in META}
 
-    def gather(self, slots: np.ndarray) -> torch.Tensor:
-        """Copy rows out on the calling thread: an OpenMP gather would leave worker threads spinning
-        on the cores the generator's forward needs."""
-        out = torch.empty((len(slots), *self.row_shape), dtype=self.dtype)
-        np.take(self.rows.view(torch.uint8).numpy(), slots, axis=0, out=out.view(torch.uint8).numpy())
+    def gather(self, slots: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Copy rows out with ``index_select`` (into ``out`` when given) on one thread: an OpenMP
+        gather would leave worker threads spinning on the cores the generator's forward needs, and
+        one thread already copies at memory speed."""
+        if out is None:
+            out = torch.empty((len(slots), *self.row_shape), dtype=self.dtype)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            torch.index_select(self.rows, 0, torch.from_numpy(slots), out=out)
+        finally:
+            torch.set_num_threads(threads)
         return out
 
     def provenance(self, slots: np.ndarray) -> dict[str, torch.Tensor]:

@@ -279,15 +279,29 @@ class BufferedStream:
         self.monitor = monitor or Monitor(None, False, 1.0)
         self.normalize, self.stats_rows = normalize, stats_rows
 
-    def batch(self, batch_size: int, drop_last: bool = False, with_tokens: bool = False) -> ActivationLoader:
-        """Batches of ``batch_size`` rows; ``with_tokens=True`` yields ``TokenBatch`` records."""
+    def batch(
+        self,
+        batch_size: int,
+        drop_last: bool = False,
+        with_tokens: bool = False,
+        reuse: bool = False,
+        pin_memory: bool = False,
+    ) -> ActivationLoader:
+        """Batches of ``batch_size`` rows; ``with_tokens=True`` yields ``TokenBatch`` records.
+
+        ``reuse=True`` gathers into two preallocated tensors in turn instead of a fresh one per batch
+        (no allocation, no page faults): a batch stays valid only until the batch after next is drawn,
+        so use it (e.g. move it to the GPU) and drop it. ``pin_memory=True`` (CUDA only) pins them.
+        """
         _check_positive_int("batch_size", batch_size)
+        if pin_memory and not torch.cuda.is_available():
+            raise ValueError("pin_memory: needs CUDA, which is not available here; pass pin_memory=False")
         if batch_size > self.size:
             raise ValueError(
                 f"batch_size: {batch_size} is larger than the buffer ({self.size} rows); "
                 f"pass .buffer(size) with size >= {batch_size} or a smaller batch_size"
             )
-        return ActivationLoader(self, batch_size, drop_last, with_tokens)
+        return ActivationLoader(self, batch_size, drop_last, with_tokens, reuse, pin_memory)
 
 
 class ActivationLoader:
@@ -299,7 +313,15 @@ class ActivationLoader:
     checkpoint the loader exactly (see README, "Checkpointing").
     """
 
-    def __init__(self, buffered: BufferedStream, batch_size: int, drop_last: bool, with_tokens: bool):
+    def __init__(
+        self,
+        buffered: BufferedStream,
+        batch_size: int,
+        drop_last: bool,
+        with_tokens: bool,
+        reuse: bool = False,
+        pin_memory: bool = False,
+    ):
         self.spec = buffered.spec
         self.buffer_size = buffered.size
         self.batch_size = batch_size
@@ -315,6 +337,8 @@ class ActivationLoader:
             buffered.hdf5_fraction,
             buffered.normalize,
             buffered.stats_rows,
+            reuse,
+            pin_memory,
         )
         self._loader = Loader(self._node)
         self._monitor = buffered.monitor

@@ -34,12 +34,14 @@ def full_buffer(size: int, row_shape: tuple[int, ...]) -> SharedRowBuffer:
     return buffer
 
 
-def seconds_per_batch(buffer: SharedRowBuffer, batch: int, seconds: float) -> float:
+def seconds_per_batch(buffer: SharedRowBuffer, batch: int, seconds: float, reuse: bool = False) -> float:
+    """The serving path per batch: fresh output tensors, or two preallocated ones in turn (``reuse``)."""
     rng = np.random.default_rng(0)
+    outputs = [torch.zeros(batch, *buffer.row_shape) for _ in range(2)] if reuse else [None]  # touched once
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         slots = buffer.take(batch, rng)
-        buffer.gather(slots)
+        buffer.gather(slots, outputs[n % len(outputs)])
         buffer.release(slots)
         buffer.claim(len(slots))  # the generator would refill them
         buffer.append_full(slots)
@@ -47,12 +49,12 @@ def seconds_per_batch(buffer: SharedRowBuffer, batch: int, seconds: float) -> fl
     return (time.perf_counter() - start) / n
 
 
-def p2(quick: bool) -> tuple[float, float]:
-    """(served GB/s, plain copy GB/s) at batch 5000."""
+def p2(quick: bool) -> tuple[float, float, float]:
+    """(served GB/s into fresh tensors, into reused tensors, plain copy GB/s) at batch 5000."""
     batch, size = 5000, 10_000 if quick else 40_000
     buffer = full_buffer(size, GPT2_SMALL_ROW)
     try:
-        per_batch = seconds_per_batch(buffer, batch, 3.0 if quick else 10.0)
+        fresh, reused = (seconds_per_batch(buffer, batch, 3.0 if quick else 10.0, r) for r in (False, True))
     finally:
         buffer.unlink()
     nbytes = batch * int(np.prod(GPT2_SMALL_ROW)) * 4
@@ -63,7 +65,7 @@ def p2(quick: bool) -> tuple[float, float]:
         dst.copy_(src)
         n += 1
     copy = (time.perf_counter() - start) / n
-    return nbytes / per_batch / 1e9, nbytes / copy / 1e9
+    return nbytes / fresh / 1e9, nbytes / reused / 1e9, nbytes / copy / 1e9
 
 
 def p5(quick: bool) -> tuple[float, float]:
@@ -79,15 +81,24 @@ def p5(quick: bool) -> tuple[float, float]:
 
 
 def results(quick: bool) -> list[Result]:
-    served, copy = p2(quick)
+    fresh, reused, copy = p2(quick)
     large, small = p5(quick)
     return [
         Result(
             "P2 batch assembly, batch 5000 GPT-2-small rows / copy_",
-            f"{served:.2f} GB/s",
+            f"{fresh:.2f} GB/s",
             f"{copy:.2f} GB/s",
-            served / copy,
+            fresh / copy,
             ">= 0.5",
+            "default: a fresh tensor per batch",
+        ),
+        Result(
+            "P2 same, .batch(reuse=True) / copy_",
+            f"{reused:.2f} GB/s",
+            f"{copy:.2f} GB/s",
+            reused / copy,
+            ">= 0.5",
+            "two preallocated tensors in turn",
         ),
         Result(
             "P5 per-batch cost, 10M-row buffer / 10k-row buffer",

@@ -44,12 +44,20 @@ def test_finite_pass_serves_each_documented_row_once(model_dir, texts, reference
 
 
 def test_plain_batches_are_the_same_multiset_of_rows(model_dir, texts):
-    """Without provenance: match rows by value (identical prefixes give identical rows, so by class)."""
+    """Without provenance, into reused tensors: match rows by value (identical prefixes give identical
+    rows, so by class)."""
     contexts = reference_contexts(model_dir, texts[:10], CTX)
     expected = reference_rows(model_dir, contexts)[:, 1:].reshape(len(contexts) * (CTX - 1), -1).double()
     stream = actvpipe.stream(model_dir, texts[:10], context_length=CTX, generation_batch_size=8)
-    with stream.buffer(1000).batch(100) as loader:
-        batches = list(loader)
+    batches, pointers = [], []
+    with stream.buffer(1000).batch(100, reuse=True) as loader:
+        for batch in loader:
+            pointers.append(batch.data_ptr())
+            batches.append(batch.clone())
+    assert pointers[0] == pointers[2] != pointers[1] == pointers[3], "two preallocated tensors in turn"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="pin_memory: needs CUDA"):
+            stream.buffer(1000).batch(100, pin_memory=True)
     assert [len(b) for b in batches[:-1]] == [100] * (len(batches) - 1)
     assert all(b.shape[1:] == (2, 4, 64) and b.dtype == torch.float32 for b in batches)
     got = torch.cat(batches).reshape(-1, expected.shape[1]).double()
