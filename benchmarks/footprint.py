@@ -24,9 +24,15 @@ from actvpipe.shm import buffer_nbytes
 from benchmarks.common import Result, build_gpt2, cli
 
 
+def rows_for(stream: actvpipe.ActivationStream, nbytes: int) -> int:
+    """Rows of a buffer of ``nbytes`` (bookkeeping included) for this stream's rows."""
+    shape, dtype = stream.row_shape, stream.spec.dtype
+    per_row = buffer_nbytes(2, shape, dtype) - buffer_nbytes(1, shape, dtype)
+    return (nbytes - buffer_nbytes(0, shape, dtype)) // per_row
+
+
 def start_ms(stream: actvpipe.ActivationStream, nbytes: int, repeats: int) -> float:
-    row_bytes = buffer_nbytes(1, stream.row_shape, stream.spec.dtype)
-    loader = stream.buffer(nbytes // row_bytes).batch(1024)
+    loader = stream.buffer(rows_for(stream, nbytes)).batch(1024)
     times = []
     for _ in range(repeats):
         begin = time.perf_counter()
@@ -48,7 +54,7 @@ def peak_memory(model_dir, buffer_bytes: int) -> tuple[int, int]:
     """(peak PSS of the training and generator processes, buffer bytes + model bytes), sampled
     while batches are served from a full buffer."""
     stream = actvpipe.stream(model_dir, corpus_texts() * 20, context_length=256, generation_batch_size=16)
-    size = buffer_bytes // buffer_nbytes(1, stream.row_shape, stream.spec.dtype)
+    size = rows_for(stream, buffer_bytes)
     expected = buffer_nbytes(size, stream.row_shape, stream.spec.dtype) + model_bytes(model_dir)
     peak = 0
     with stream.buffer(size, warmup=1.0).batch(1024) as loader:
