@@ -21,6 +21,7 @@ from actvpipe.monitor import Monitor
 from actvpipe.placement import DEFAULT_WATERMARKS, check_watermarks
 from actvpipe.resume import check_fingerprint
 from actvpipe.sampling import BufferBatcher, TokenBatch
+from actvpipe.shm import SHM_DIR, buffer_nbytes
 from actvpipe.spec import Hdf5Spec, StreamSpec
 from actvpipe.stats import NORMALIZATIONS, ActivationStats, Normalization
 from actvpipe.text import PACKINGS
@@ -130,6 +131,23 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")
 
 
+def _check_shared_memory(size: int, row_shape: tuple[int, ...], dtype: torch.dtype, n_sources: int) -> None:
+    """A buffer must fit in the free space of /dev/shm, or writing it would die of SIGBUS later."""
+    needed = buffer_nbytes(size, row_shape, dtype, n_sources)
+    try:
+        stat = os.statvfs(SHM_DIR)
+    except OSError:
+        return  # no /dev/shm: SharedRowBuffer.create says so when the loader starts
+    free = stat.f_bavail * stat.f_frsize
+    if needed > free:
+        gib = 1 << 30
+        raise ValueError(
+            f"size: a buffer of {size:,} rows takes {needed / gib:,.2f} GiB of shared memory but {SHM_DIR} "
+            f"has {free / gib:,.2f} GiB free; pass a smaller size (at most about "
+            f"{int(size * free / needed):,} rows) or enlarge {SHM_DIR} (docker: --shm-size)"
+        )
+
+
 def _check_token_ids(ids: Sequence[int], config: Any) -> tuple[int, ...]:
     vocab = getattr(config.get_text_config(), "vocab_size", None)
     if isinstance(ids, int | str):
@@ -216,6 +234,7 @@ class ActivationStream:
         ``stats_rows`` rows, computed in this process when the loader first starts.
         """
         _check_positive_int("size", size)
+        _check_shared_memory(size, self.spec.row_shape, self.spec.dtype, 1 + (hdf5 is not None))
         if not 0.0 <= warmup <= 1.0:
             raise ValueError(f"warmup: a fraction of the buffer between 0 and 1, got {warmup!r}")
         if isinstance(refresh_interval, bool) or not (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import datasets
 import pytest
@@ -120,6 +121,10 @@ def test_buffer_and_batch_sizes(model_dir, texts):
             stream.buffer(bad)
     with pytest.raises(ValueError, match="warmup"):
         stream.buffer(100, warmup=1.5)
+    shm = os.statvfs("/dev/shm")
+    too_many = 2 * shm.f_bavail * shm.f_frsize // (2 * 4 * 64 * 4)
+    with pytest.raises(ValueError, match=r"of shared memory but /dev/shm has [\d.,]+ GiB free.*--shm-size"):
+        stream.buffer(too_many)
 
 
 def test_hub_model_offline_names_the_offline_alternative():
