@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 
 # Before anything imports huggingface_hub, which reads these once: a hub lookup fails at once
 # instead of timing out on a machine without network.
@@ -47,6 +48,19 @@ def no_leaked_shared_memory():
     gc.collect()
     after = {n for n in os.listdir("/dev/shm") if n.startswith(mine)}
     assert after <= before, f"leaked shared memory: {sorted(after - before)}"
+
+
+def resumed_run(make_loader, batches_before: int) -> tuple[list, dict]:
+    """(batches, state) of a run saved after ``batches_before`` batches, its state pickled, and
+    finished by a fresh loader restored from it."""
+    with make_loader() as first:
+        it = iter(first)
+        head = [next(it) for _ in range(batches_before)]
+        state = pickle.loads(pickle.dumps(first.state_dict()))
+    rest = make_loader()
+    rest.load_state_dict(state)
+    with rest:
+        return head + list(rest), state
 
 
 def reference_contexts(model_dir: Path, texts: list[str], context_length: int) -> torch.Tensor:

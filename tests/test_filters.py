@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import pickle
-
 import datasets
 import pytest
 import torch
-from conftest import reference_pass, reference_rows
+from conftest import reference_pass, reference_rows, resumed_run
 from transformers import AutoTokenizer
 
 import actvpipe
@@ -86,17 +84,10 @@ def test_resume_with_filtered_rows_is_exact(model_dir, texts):
         )
         return stream.buffer(300).batch(50, with_tokens=True)
 
-    with loader() as first:
-        it = iter(first)
-        head = [next(it) for _ in range(3)]
-        state = pickle.loads(pickle.dumps(first.state_dict()))
-    rest = loader()
-    rest.load_state_dict(state)
-    with rest:
-        tail = list(rest)
+    batches, _ = resumed_run(loader, 3)
     with loader() as whole:
         everything = merge(list(whole))
-    resumed = merge(head + tail)
+    resumed = merge(batches)
     assert torch.equal(resumed.seq * CTX + resumed.pos, everything.seq * CTX + everything.pos)
     assert torch.equal(resumed.acts, everything.acts)
     assert not (everything.token_ids == eos).any()

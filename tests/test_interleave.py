@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import resumed_run
 
 import actvpipe
 
@@ -111,14 +112,7 @@ def test_deterministic_interleaving_replays_and_resumes_bitwise(model_dir, live_
 
     with loader() as whole:
         run = list(whole)
-    with loader() as first:
-        it = iter(first)
-        head = [next(it) for _ in range(7)]
-        state = pickle.loads(pickle.dumps(first.state_dict()))
-    rest = loader()
-    rest.load_state_dict(state)
-    with rest:
-        replay = head + list(rest)
+    replay, _ = resumed_run(loader, 7)
     assert len(replay) == len(run)
     for a, b in zip(run, replay, strict=True):
         assert torch.equal(a.acts, b.acts) and torch.equal(a.source, b.source) and torch.equal(a.seq, b.seq)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import subprocess
 import sys
 
 import h5py
 import pytest
 import torch
-from conftest import reference_pass
+from conftest import reference_pass, resumed_run
 
 import actvpipe
 from actvpipe.stats import ActivationStats, Welford
@@ -59,16 +58,9 @@ def test_normalised_serving_and_exact_resume(model_dir, texts, pass_rows, kind):
         stream = actvpipe.stream(model_dir, texts[:4], context_length=CTX)
         return stream.buffer(400, normalize=kind, stats_rows=300).batch(100, with_tokens=True)
 
-    with loader() as first:
-        it = iter(first)
-        head = [next(it) for _ in range(2)]
-        state = pickle.loads(pickle.dumps(first.state_dict()))
-        assert_stats(first.stats(), pass_rows[:300])
+    batches, state = resumed_run(loader, 2)
     assert state["root"]["normalization"]["kind"] == kind
-    rest = loader()
-    rest.load_state_dict(state)
-    with rest:
-        batches = head + list(rest)
+    assert_stats(loader().stats(), pass_rows[:300])  # computed without starting anything
     acts = torch.cat([b.acts for b in batches]).double()
     raw = pass_rows[torch.cat([b.seq * (CTX - 1) + b.pos - 1 for b in batches])]
     assert len(acts) == len(pass_rows)
