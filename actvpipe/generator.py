@@ -96,6 +96,8 @@ def generator_main(
     def should_stop() -> bool:
         return buffer.stop_requested() or os.getppid() != parent_pid
 
+    # Ctrl-C reaches the whole process group: the training process handles it and stops this one.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _quiet_libraries()
         fill = lambda: 1.0 - buffer.get("n_free") / buffer.size  # noqa: E731

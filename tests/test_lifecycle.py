@@ -135,3 +135,49 @@ def test_generator_killed_by_signal_is_an_error_not_a_hang(model_dir, texts):
         os.kill(loader.generator_pid, signal.SIGKILL)
         for _ in it:
             pass
+
+
+TRAINER = """
+import actvpipe, os, time
+with actvpipe.stream({model!r}, {docs!r}, context_length=32).buffer(2000).batch(100) as loader:
+    it = iter(loader)
+    next(it)
+    print(os.getpid(), loader.generator_pid, flush=True)
+    while True:
+        for _ in loader:
+            time.sleep(0.01)
+"""
+
+
+def start_trainer(model_dir, texts) -> tuple[subprocess.Popen, int, int]:
+    script = TRAINER.format(model=str(model_dir), docs=texts[:8])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal would give it
+    )
+    parent, child = map(int, proc.stdout.readline().split())
+    return proc, parent, child
+
+
+def test_sigkilled_training_process_leaves_nothing_behind(model_dir, texts):
+    proc, parent, child = start_trainer(model_dir, texts)
+    assert shm_entries(parent)
+    proc.kill()
+    proc.wait(timeout=10)
+    assert wait_gone(child, timeout=10), "the generator notices its trainer is gone"
+    deadline = time.monotonic() + 10
+    while shm_entries(parent) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not shm_entries(parent), "the shared block is removed without the trainer"
+
+
+def test_ctrl_c_exits_cleanly(model_dir, texts):
+    proc, parent, child = start_trainer(model_dir, texts)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the trainer and its generator
+    _, err = proc.communicate(timeout=30)
+    assert "KeyboardInterrupt" in err and "GeneratorError" not in err, err
+    assert wait_gone(child, timeout=10)
+    assert not shm_entries(parent)
