@@ -27,7 +27,7 @@ from actvpipe.placement import Placement
 from actvpipe.resume import PlannedContexts, ResumePlan, RowFilter
 from actvpipe.shm import SharedRowBuffer
 from actvpipe.spec import Hdf5Spec, StreamSpec
-from actvpipe.text import DocumentBlocks, PackedContexts
+from actvpipe.text import DocumentBlocks, PackedContexts, ShardedContexts
 
 Source = StreamSpec | Hdf5Spec
 
@@ -55,7 +55,10 @@ def build_rows_graph(
     packer = PackedContexts(
         DocumentBlocks(spec.dataset), tokenizer, spec.context_length, spec.generation_batch_size, spec.packing
     )
-    contexts = Prefetcher(PlannedContexts(packer, plan), prefetch_factor=4)
+    contexts = PlannedContexts(packer, plan)
+    if spec.world_size > 1:
+        contexts = ShardedContexts(contexts, spec.rank, spec.world_size, spec.generation_batch_size)
+    contexts = Prefetcher(contexts, prefetch_factor=4)
     capture = ActivationCapture(model, spec.layers, spec.first_pos, spec.capture, spec.modules)
     rows = CaptureNode(contexts, capture, spec.dtype, placement, spec.exclude_tokens)
     return RowFilter(rows, plan)

@@ -37,6 +37,8 @@ class StreamSpec:
     model_dtype: torch.dtype | None = None  # None: the buffer's dtype
     exclude_tokens: tuple[int, ...] = ()
     packing: str = "concat"
+    rank: int = 0
+    world_size: int = 1
     watermarks: tuple[float, float] = DEFAULT_WATERMARKS
 
     @property
@@ -76,6 +78,8 @@ class StreamSpec:
             "exclude_bos": self.exclude_bos,
             "exclude_tokens": list(self.exclude_tokens),
             "packing": self.packing,
+            "rank": self.rank,
+            "world_size": self.world_size,
             "deterministic": self.deterministic,
         }
 

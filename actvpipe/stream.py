@@ -52,6 +52,8 @@ def stream(
     exclude_bos: bool = True,
     exclude_tokens: Sequence[int] = (),
     packing: str = "concat",
+    rank: int | None = None,
+    world_size: int | None = None,
     deterministic: bool = False,
 ) -> ActivationStream:
     """Describe a stream of MLP-in/MLP-out activations of ``model`` over ``dataset``.
@@ -61,6 +63,8 @@ def stream(
     buffer's, ``model_dtype`` the forward's (default: ``dtype``). ``device="auto"`` moves the model
     between GPU and CPU on buffer fill, per ``watermarks`` (low, high); without CUDA it is the CPU.
     ``deterministic=True`` makes the batches a pure function of the arguments and ``seed``.
+    Under ``torch.distributed`` (or with ``rank=``/``world_size=``) each rank streams a disjoint,
+    balanced shard of the contexts.
     """
     _check_positive_int("generation_batch_size", generation_batch_size)
     for name, value in (("dtype", dtype), ("model_dtype", model_dtype or dtype)):
@@ -83,6 +87,7 @@ def stream(
     if packing not in PACKINGS:
         raise ValueError(f"packing: expected one of {PACKINGS}, got {packing!r}")
     exclude_tokens = _check_token_ids(exclude_tokens, config)
+    rank, world_size = _resolve_rank(rank, world_size)
     check_capture_modules(source, config, layers, capture, modules)
     dataset_source = resolve_dataset(dataset, text_column)
     spec = StreamSpec(
@@ -102,6 +107,8 @@ def stream(
         exclude_bos=exclude_bos,
         exclude_tokens=exclude_tokens,
         packing=packing,
+        rank=rank,
+        world_size=world_size,
         deterministic=deterministic,
     )
     return ActivationStream(spec)
@@ -146,6 +153,21 @@ def _check_shared_memory(size: int, row_shape: tuple[int, ...], dtype: torch.dty
             f"has {free / gib:,.2f} GiB free; pass a smaller size (at most about "
             f"{int(size * free / needed):,} rows) or enlarge {SHM_DIR} (docker: --shm-size)"
         )
+
+
+def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """This process's shard: as given, else torch.distributed's rank and world size, else (0, 1)."""
+    if rank is None and world_size is None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+    if rank is None or world_size is None:
+        raise ValueError("rank, world_size: pass both (or neither, to use torch.distributed's)")
+    _check_positive_int("world_size", world_size)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected an integer in 0..{world_size - 1}, got {rank!r}")
+    return rank, world_size
 
 
 def _check_token_ids(ids: Sequence[int], config: Any) -> tuple[int, ...]:

@@ -204,6 +204,31 @@ class PackedContexts(BaseNode[ContextBlock]):
         return {"record": record, "offset": offset, "next_seq": self._next_seq}
 
 
+class ShardedContexts(BaseNode[ContextBlock]):
+    """One rank's share of the contexts: blocks ``b`` with ``b % world_size == rank``, where block
+    ``b`` holds contexts ``b * contexts_per_block`` onwards. Ranks see disjoint, balanced shards
+    whose union is the whole pass; row ids stay global."""
+
+    def __init__(self, source: BaseNode[ContextBlock], rank: int, world_size: int, contexts_per_block: int):
+        super().__init__()
+        self.source = source
+        self.rank, self.world_size = rank, world_size
+        self.contexts_per_block = contexts_per_block
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        self.source.reset(initial_state)
+
+    def next(self) -> ContextBlock:
+        while True:
+            block = next(self.source)
+            if (block.first_seq // self.contexts_per_block) % self.world_size == self.rank:
+                return block
+
+    def get_state(self) -> dict[str, Any]:
+        return self.source.state_dict()
+
+
 def special_token_ids(tokenizer: Any) -> tuple[int, int]:
     """(BOS, EOS) ids for packing: BOS falls back to EOS when the tokenizer has none."""
     eos = tokenizer.eos_token_id
