@@ -103,9 +103,16 @@ class BufferBatcher(BaseNode):
         """
         if self.deterministic and len(self.sources) > 1:
             return self._deterministic_caps(self._shares(self.min_fill))
-        return [self.size] + [self.size if self.fraction is None else max(1, self.size // 4)] * (
-            len(self.sources) - 1
-        )
+        disk = [self.size if self.fraction is None else max(1, self.size // 4)] * (len(self.sources) - 1)
+        return [self.size - self._disk_warmup_left(), *disk]
+
+    def _disk_warmup_left(self) -> int:
+        """Disk rows still due before any live row is published: disk rows fill the buffer first.
+        Until then the live source leaves them room (its cap), so neither can block the other."""
+        if len(self.sources) == 1:
+            return 0
+        target = min(sum(f.rows for f in self.sources[1].files), self.min_fill)
+        return max(0, target - self._published[1])
 
     def _deterministic_caps(self, shares: list[int]) -> list[int]:
         return [share + (self.size - self.min_fill) // 2 for share in shares]
@@ -184,6 +191,10 @@ class BufferBatcher(BaseNode):
     def _allowance(self, k: int, done: list[bool]) -> int:
         """How many of source ``k``'s written rows may be published now (not deterministic)."""
         buffer = self.run.buffer
+        if k == 0 and len(self.sources) > 1:
+            if not done[1] and self._disk_warmup_left() > 0:
+                return 0
+            buffer.set_cap(0, self.size)
         if k == 0 or self.fraction is None or (done[0] and buffer.pending(0) == 0):
             return self.size
         if buffer.fill() < self.min_fill and buffer.get("n_free") == 0 and buffer.pending(0) == 0:
