@@ -197,8 +197,8 @@ class BufferBatcher(BaseNode):
             buffer.set_cap(0, self.size)
         if k == 0 or self.fraction is None or (done[0] and buffer.pending(0) == 0):
             return self.size
-        if buffer.fill() < self.min_fill and buffer.get("n_free") == 0 and buffer.pending(0) == 0:
-            return self.size  # disk rows hold every slot the live rows need: yield rather than stall
+        if buffer.fill() < self.min_fill and buffer.pending(k) >= buffer.size - buffer.fill():
+            return self.size  # disk rows hold every slot not yet served: yield rather than stall
         return self._disk_quota()
 
     def _deterministic_allowances(self, done: list[bool]) -> list[int] | None:
