@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
@@ -41,7 +41,8 @@ class DatasetSource:
 
 def resolve_dataset(dataset: Any, text_column: str = "text") -> DatasetSource:
     """Check ``dataset`` before any work starts: it exists, is readable and has the text column."""
-    if isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
+    loaded = sys.modules.get("datasets")  # imported lazily: only file and hub datasets need it
+    if loaded is not None and isinstance(dataset, (loaded.Dataset, loaded.IterableDataset)):
         source = DatasetSource("object", dataset, text_column)
     elif isinstance(dataset, (str, os.PathLike)):
         source = _resolve_path_or_hub(os.fspath(dataset), text_column)
@@ -93,6 +94,8 @@ def open_dataset(source: DatasetSource) -> Any:
     """The iterable of records (or strings) behind ``source``; loads hub and file datasets streaming."""
     if source.kind == "object":
         return source.value
+    import datasets
+
     try:
         if source.kind == "hub":
             return datasets.load_dataset(source.value, split="train", streaming=True)

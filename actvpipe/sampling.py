@@ -74,6 +74,7 @@ class BufferBatcher(BaseNode):
         self._stats: ActivationStats | None = None
         self.deterministic = self.sources[0].deterministic
         self.run = None
+        self._started_with: dict | None = None
         self._pass = 0
 
     def fingerprint(self) -> dict[str, Any]:
@@ -129,10 +130,12 @@ class BufferBatcher(BaseNode):
         return [need - disk, disk]
 
     def start(self, state: dict | None = None) -> None:
-        """Launch generators for the next pass (or for the rest of a saved one) unless some wait unused."""
-        if state is None and self.run is not None and not self.run.used:
+        """Launch generators for the next pass (or for the rest of a saved one) unless ones started for
+        the same (or no) state wait unused."""
+        if self.run is not None and not self.run.used and state is self._started_with:
             return
         self.close()
+        self._started_with = state
         if state is None and self.normalize and self.normalization is None:
             self.normalization = Normalization.from_stats(self.normalize, self.stats())
         if state is None:
@@ -176,11 +179,10 @@ class BufferBatcher(BaseNode):
         """Place the regenerated buffered rows (each source writes them first) in the saved order."""
         _, order, counts = self._restoring
         buffer = self.run.buffer
-        pieces = []
+        # Every source's rows first, then pop: a popped source may write again, into slots another needs.
         for k, count in enumerate(counts):
             self._wait(lambda k=k, count=count: buffer.pending(k) >= count or buffer.done(k))
-            pieces.append(buffer.pop_written(count, k))
-        slots = np.concatenate(pieces)
+        slots = np.concatenate([buffer.pop_written(count, k) for k, count in enumerate(counts)])
         meta = buffer.meta_of(slots)
         keys = meta["row_id"] * len(self.sources) + meta["source"]
         buffer.append_full(order_slots(slots, keys, order))
@@ -242,6 +244,7 @@ class BufferBatcher(BaseNode):
 
     def next(self) -> torch.Tensor | TokenBatch:
         self.run.used = True
+        self.run.check_alive()  # a failure surfaces now, not once the buffered rows run out
         if self._restoring is not None:
             self._finish_restore()
         self._wait(self._ready_to_serve)

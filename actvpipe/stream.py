@@ -382,15 +382,18 @@ class ActivationLoader:
             pin_memory,
         )
         self._loader = Loader(self._node)
+        self._loaded: dict[str, Any] | None = None
         self._monitor = buffered.monitor
         self._monitor.disk_sources = tuple(isinstance(s, Hdf5Spec) for s in sources)
 
     def start(self) -> ActivationLoader:
-        self._node.start()
+        """Launch the generators (for the loaded state, if any) and return at once."""
+        self._node.start(self._loaded)
         return self
 
     def __iter__(self) -> Iterator[torch.Tensor | TokenBatch]:
         batches = iter(self._loader)
+        self._loaded = None
         return self._monitored(batches) if self._monitor.active else batches
 
     def _monitored(self, batches: Iterator) -> Iterator[torch.Tensor | TokenBatch]:
@@ -418,6 +421,7 @@ class ActivationLoader:
         check_fingerprint(state[LoaderIterator.ROOT_KEY]["fingerprint"], self._node.fingerprint())
         self._loader = Loader(self._node)  # torchdata 0.11 ignores a load after an earlier state_dict()
         self._loader.load_state_dict(state)
+        self._loaded = state[LoaderIterator.ROOT_KEY]  # what start() launches the generators for
 
     def stats(self) -> ActivationStats:
         """Statistics of the first ``stats_rows`` rows (see ``.buffer``): tensors, and ``.to_json()``."""

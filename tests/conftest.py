@@ -60,7 +60,10 @@ def resumed_run(make_loader, batches_before: int) -> tuple[list, dict]:
     rest = make_loader()
     rest.load_state_dict(state)
     with rest:
-        return head + list(rest), state
+        pid = rest.generator_pid
+        tail = list(rest)
+        assert rest.generator_pid == pid, "start() launched the resumed pass; iterating kept it"
+    return head + tail, state
 
 
 def reference_contexts(model_dir: Path, texts: list[str], context_length: int) -> torch.Tensor:

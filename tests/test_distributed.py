@@ -1,4 +1,5 @@
-"""Distributed: each rank streams a disjoint, balanced shard; the union is the single-process pass."""
+"""Distributed: each rank streams a disjoint, balanced shard with its own state; the union (across a
+checkpoint and resume on every rank) is the single-process pass."""
 
 from __future__ import annotations
 
@@ -27,13 +28,32 @@ SCRIPT = textwrap.dedent(
     docs = json.load(open(docs_file))
     stream = actvpipe.stream(model, docs, context_length=32, generation_batch_size=4)
     keys, total = [], 0.0
-    with stream.buffer(1000).batch(100, with_tokens=True) as loader:
-        for batch in loader:
-            keys += (batch.seq * 32 + batch.pos).tolist()
+
+    def take(batches):
+        global total
+        for batch in batches:
+            keys.extend((batch.seq * 32 + batch.pos).tolist())
             total += float(batch.acts.double().sum())
+
+    # Each rank checkpoints after 3 batches and finishes the pass from its own state.
+    with stream.buffer(1000).batch(100, with_tokens=True) as loader:
+        it = iter(loader)
+        take(next(it) for _ in range(3))
+        state = loader.state_dict()
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    other = stream.buffer(1000).batch(100, with_tokens=True)
+    try:
+        other.load_state_dict(states[1 - dist.get_rank()])
+        crossed = "loaded"
+    except ValueError as exc:
+        crossed = str(exc)
+    with stream.buffer(1000).batch(100, with_tokens=True) as loader:
+        loader.load_state_dict(state)
+        take(loader)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, {"rank": dist.get_rank(), "spec": [stream.spec.rank,
-                           stream.spec.world_size], "keys": keys, "total": total})
+                           stream.spec.world_size], "keys": keys, "total": total, "crossed": crossed})
     if dist.get_rank() == 0:
         json.dump(gathered, open(out, "w"))
     dist.destroy_process_group()
@@ -41,7 +61,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_torchrun_ranks_cover_the_pass_once(tmp_path, model_dir, texts):
+def test_torchrun_ranks_cover_the_pass_once_across_a_resume(tmp_path, model_dir, texts):
     docs = texts[:8]
     (tmp_path / "docs.json").write_text(json.dumps(docs))
     (tmp_path / "train.py").write_text(SCRIPT)
@@ -66,6 +86,8 @@ def test_torchrun_ranks_cover_the_pass_once(tmp_path, model_dir, texts):
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = json.loads(out.read_text())
     assert [r["spec"] for r in ranks] == [[0, 2], [1, 2]], "rank and world size come from torch.distributed"
+    for r in ranks:  # a rank's state restores only on that rank
+        assert "rank: saved" in r["crossed"] and "build the loader with the saved values" in r["crossed"]
     contexts, rows = reference_pass(model_dir, docs, CTX)
     expected = {seq * CTX + pos for seq in range(len(contexts)) for pos in range(1, CTX)}
     first, second = (set(r["keys"]) for r in ranks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import pickle
 import signal
@@ -14,6 +15,7 @@ import time
 import psutil
 import pytest
 import torch
+from conftest import reference_contexts
 
 import actvpipe
 from actvpipe.shm import SharedRowBuffer
@@ -43,7 +45,7 @@ def test_generator_is_another_process_mapping_the_shared_buffer(small_stream):
         pid = loader.generator_pid
         assert pid is not None and pid != os.getpid()
         child = psutil.Process(pid)
-        assert child.ppid() == os.getpid()
+        assert os.getpid() in [p.pid for p in child.parents()]
         next(iter(loader))  # by now the child has attached
         (name,) = shm_entries(os.getpid())
         assert any(name in m.path for m in child.memory_maps()), "the child must map the same shared block"
@@ -119,22 +121,115 @@ def test_interpreter_exit_without_close_cleans_up(model_dir, texts, tmp_path):
     assert not shm_entries(parent)
 
 
-def test_generator_exception_reaches_the_training_loop(model_dir, texts):
-    bad = [*texts[:3], 12345]  # the first document is fine, so the error happens in the generator
-    loader = actvpipe.stream(model_dir, bad, context_length=32).buffer(100_000).batch(10)
+def summary(batches) -> tuple[list[int], float]:
+    """A pass's rows as a multiset: sorted (context, position) keys, and the sum of every value."""
+    keys = sorted(k for b in batches for k in (b.seq * 32 + b.pos).tolist())
+    return keys, sum(float(b.acts.double().sum()) for b in batches)
+
+
+def wait_until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def consume_slowly(batches, since: float) -> None:
+    """Read batches at 1,000 rows/s (10,000 buffered rows last 10 s); the failure must surface
+    within 5 seconds of ``since`` all the same."""
+    try:
+        for _ in batches:
+            time.sleep(0.02)
+    finally:
+        assert time.monotonic() - since < 5, "the failure surfaced only once the buffered rows ran out"
+
+
+def test_generator_exception_reaches_the_loop_within_5_seconds(model_dir, texts):
+    bad = [*texts * 4, 12345]  # the generator fails on the last document, long after it started
+    loader = actvpipe.stream(model_dir, bad, context_length=32).buffer(50_000).batch(20)
     with pytest.raises(actvpipe.GeneratorError, match="TypeError") as info, loader:
-        list(loader)
+        it = iter(loader)
+        next(it)
+        assert wait_gone(loader.generator_pid, timeout=120)
+        died = time.monotonic()
+        assert loader.counters()["written"] >= 10_000
+        consume_slowly(it, died)
     assert "Traceback" in str(info.value)
 
 
-def test_generator_killed_by_signal_is_an_error_not_a_hang(model_dir, texts):
-    loader = actvpipe.stream(model_dir, texts * 20, context_length=32).buffer(1000).batch(500)
+def test_generator_killed_by_signal_reaches_the_loop_within_5_seconds(model_dir, texts):
+    loader = actvpipe.stream(model_dir, texts * 20, context_length=32).buffer(50_000).batch(20)
     with pytest.raises(actvpipe.GeneratorError, match="SIGKILL"), loader:
         it = iter(loader)
         next(it)
+        wait_until(lambda: loader.counters()["written"] >= 10_000)
         os.kill(loader.generator_pid, signal.SIGKILL)
-        for _ in it:
-            pass
+        consume_slowly(it, time.monotonic())
+
+
+def test_train_and_eval_loaders_in_one_process_do_not_interfere(model_dir, texts):
+    def loader(docs):
+        return actvpipe.stream(model_dir, docs, context_length=32).buffer(2000).batch(100, with_tokens=True)
+
+    def all_keys(docs) -> list[int]:
+        n_contexts = len(reference_contexts(model_dir, docs, 32))
+        return [seq * 32 + pos for seq in range(n_contexts) for pos in range(1, 32)]
+
+    train, evals = loader(texts[:8]), loader(texts[8:12])
+    with train, evals:
+        train_batches, eval_passes = [], []
+        for k, batch in enumerate(train):
+            train_batches.append(batch)
+            if k == 0:
+                assert evals.generator_pid not in (None, train.generator_pid)
+                assert len(shm_entries(os.getpid())) == 2, "one shared block each"
+            if k in (0, 3):
+                eval_passes.append(summary(list(evals)))  # a whole eval pass in the middle of training
+    assert summary(train_batches)[0] == all_keys(texts[:8]), "every training row once, and only those"
+    assert eval_passes[0][0] == all_keys(texts[8:12])
+    assert eval_passes[1] == pytest.approx(eval_passes[0])
+
+
+OTHER_PROCESS = """
+import actvpipe, json, os, sys
+stream = actvpipe.stream({model!r}, {docs!r}, context_length=32)
+with stream.buffer(2000).batch(100, with_tokens=True) as loader:
+    keys, total = [], 0.0
+    for batch in loader:
+        if not keys:
+            print(os.getpid(), flush=True)
+            sys.stdin.readline()  # the other process is streaming too
+        keys += (batch.seq * 32 + batch.pos).tolist()
+        total += float(batch.acts.double().sum())
+print(json.dumps([sorted(keys), total]))
+"""
+
+
+def test_loaders_in_two_processes_do_not_interfere(model_dir, texts):
+    script = OTHER_PROCESS.format(model=str(model_dir), docs=texts[:8])
+    other = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        other_pid = int(other.stdout.readline())
+        with (
+            actvpipe.stream(model_dir, texts[:8], context_length=32)
+            .buffer(2000)
+            .batch(100, with_tokens=True) as loader
+        ):
+            it = iter(loader)
+            batches = [next(it)]
+            assert shm_entries(os.getpid()) and shm_entries(other_pid), "both stream at once"
+            assert not shm_entries(os.getpid()) & shm_entries(other_pid)
+            other.stdin.write("go\n")
+            other.stdin.flush()
+            batches += list(it)
+        out, _ = other.communicate(timeout=120)
+    finally:
+        other.kill()
+    assert other.returncode == 0
+    assert json.loads(out.splitlines()[-1]) == pytest.approx(summary(batches))
+    assert not shm_entries(other_pid)
 
 
 TRAINER = """
@@ -165,9 +260,11 @@ def start_trainer(model_dir, texts) -> tuple[subprocess.Popen, int, int]:
 def test_sigkilled_training_process_leaves_nothing_behind(model_dir, texts):
     proc, parent, child = start_trainer(model_dir, texts)
     assert shm_entries(parent)
-    proc.kill()
-    proc.wait(timeout=10)
+    launcher = psutil.Process(child).ppid()  # the fork server the generator was started from
+    proc.kill()  # and not reaped until the end: a dead trainer may stay a zombie for a while
     assert wait_gone(child, timeout=10), "the generator notices its trainer is gone"
+    assert wait_gone(launcher, timeout=10)
+    proc.wait(timeout=10)
     deadline = time.monotonic() + 10
     while shm_entries(parent) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -1,0 +1,42 @@
+"""Long runs: memory, file descriptors and shared memory stay flat over many passes and checkpoints."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.soak import Sample, growth
+
+ROOT = Path(__file__).resolve().parents[1]
+MiB = 2**20
+
+
+def test_one_minute_soak_stays_flat():
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.soak", "--minutes", "1", "--every", "5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert len([line for line in lines if "PSS" in line]) >= 5, "sampled over the whole minute"
+    summary = re.fullmatch(r"after \d+ s, (\d+) passes, [\d,]+ rows: flat", lines[-1])
+    assert summary and int(summary.group(1)) >= 3, lines[-1]
+
+
+def test_soak_verdict_names_what_grew():
+    steady = [Sample(t, t // 10, 1000 * t, 500 * MiB, 20, 1, 20 * MiB) for t in range(0, 60, 5)]
+    assert growth(steady) == []
+    leaking = [*steady[:-1], Sample(60, 6, 60_000, 700 * MiB, 31, 2, 90 * MiB)]
+    problems = " | ".join(growth(leaking))
+    assert "PSS grew 200.0 MiB" in problems
+    assert "file descriptors grew from 20 to 31" in problems
+    assert "more than one shared block" in problems
+    assert "shared memory grew 70.0 MiB" in problems
+    assert growth(steady[:2]) == ["too few samples: run longer or sample more often"]
