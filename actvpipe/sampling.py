@@ -34,6 +34,17 @@ class TokenBatch:
         return len(self.acts)
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How batches are cut and handed out: ``.batch()``'s arguments."""
+
+    size: int
+    drop_last: bool = False
+    with_tokens: bool = False
+    reuse: bool = False  # gather into two preallocated tensors in turn (implied by pin_memory)
+    pin_memory: bool = False
+
+
 class BufferBatcher(BaseNode):
     """Serves batches of uniformly random buffered rows from running generators, with exact state.
 
@@ -49,26 +60,19 @@ class BufferBatcher(BaseNode):
         self,
         sources: Sequence[StreamSpec | Hdf5Spec],
         size: int,
-        batch_size: int,
-        drop_last: bool,
+        batching: Batching,
         min_fill: int,
-        with_tokens: bool,
         fraction: float | None = None,
         normalize: str | None = None,
         stats_rows: int = 100_000,
-        reuse: bool = False,
-        pin_memory: bool = False,
     ):
         super().__init__()
         self.sources = list(sources)
         self.size = size
-        self.batch_size = batch_size
-        self.drop_last = drop_last
-        self.min_fill = max(min_fill, batch_size)
-        self.with_tokens = with_tokens
+        self.batching = batching
+        self.min_fill = max(min_fill, batching.size)
         self.fraction = fraction
         self.normalize, self.stats_rows = normalize, stats_rows
-        self.reuse, self.pin_memory = reuse or pin_memory, pin_memory
         self._outputs: list[torch.Tensor] = []
         self.normalization: Normalization | None = None
         self._stats: ActivationStats | None = None
@@ -237,7 +241,7 @@ class BufferBatcher(BaseNode):
         if fill >= self.min_fill:
             return True
         if all(done) and all(buffer.pending(k) == 0 for k in range(len(self.sources))):
-            if fill == 0 or (self.drop_last and fill < self.batch_size):
+            if fill == 0 or (self.batching.drop_last and fill < self.batching.size):
                 raise StopIteration
             return True
         return False
@@ -249,12 +253,14 @@ class BufferBatcher(BaseNode):
             self._finish_restore()
         self._wait(self._ready_to_serve)
         buffer = self.run.buffer
-        slots = buffer.take(self.batch_size, self._rng)
+        slots = buffer.take(self.batching.size, self._rng)
         try:
-            acts = buffer.gather(slots, self._output(len(slots)) if self.reuse else None)
+            acts = buffer.gather(
+                slots, self._output(len(slots)) if self.batching.reuse or self.batching.pin_memory else None
+            )
             if self.normalization is not None:
                 self.normalization.apply_(acts)
-            out = TokenBatch(acts, **buffer.provenance(slots)) if self.with_tokens else acts
+            out = TokenBatch(acts, **buffer.provenance(slots)) if self.batching.with_tokens else acts
         finally:
             buffer.release(slots)
         self._batches += 1
@@ -264,9 +270,11 @@ class BufferBatcher(BaseNode):
         """The next of two preallocated (optionally pinned) batch tensors: a batch stays valid until
         the batch after next is drawn."""
         if not self._outputs:
-            shape = (self.batch_size, *self.sources[0].row_shape)
+            shape = (self.batching.size, *self.sources[0].row_shape)
             dtype = self.sources[0].dtype
-            self._outputs = [torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory) for _ in range(2)]
+            self._outputs = [
+                torch.empty(shape, dtype=dtype, pin_memory=self.batching.pin_memory) for _ in range(2)
+            ]
         self._outputs.reverse()
         return self._outputs[0][:n]
 

@@ -14,14 +14,21 @@ from torchdata.nodes.loader import LoaderIterator
 
 from actvpipe.cache import compute_stats
 from actvpipe.capture import DEFAULT_CAPTURE, check_capture, describe_capture
+from actvpipe.checks import (
+    check_layers,
+    check_positive_int,
+    check_shared_memory,
+    check_token_ids,
+    resolve_device,
+    resolve_rank,
+)
 from actvpipe.documents import resolve_dataset
 from actvpipe.hdf5 import FORMAT, check_matching, dtype_name, expand_paths, open_cache_file
 from actvpipe.models import check_capture_modules, model_dims, resolve_model
 from actvpipe.monitor import Monitor
 from actvpipe.placement import DEFAULT_WATERMARKS, check_watermarks
 from actvpipe.resume import check_fingerprint
-from actvpipe.sampling import BufferBatcher, TokenBatch
-from actvpipe.shm import SHM_DIR, buffer_nbytes
+from actvpipe.sampling import Batching, BufferBatcher, TokenBatch
 from actvpipe.spec import Hdf5Spec, StreamSpec
 from actvpipe.stats import NORMALIZATIONS, ActivationStats, Normalization
 from actvpipe.text import PACKINGS
@@ -66,7 +73,7 @@ def stream(
     Under ``torch.distributed`` (or with ``rank=``/``world_size=``) each rank streams a disjoint,
     balanced shard of the contexts.
     """
-    _check_positive_int("generation_batch_size", generation_batch_size)
+    check_positive_int("generation_batch_size", generation_batch_size)
     for name, value in (("dtype", dtype), ("model_dtype", model_dtype or dtype)):
         if not isinstance(value, torch.dtype) or not value.is_floating_point:
             raise TypeError(f"{name}: expected a floating torch.dtype such as torch.float32, got {value!r}")
@@ -75,7 +82,7 @@ def stream(
     capture = check_capture(capture)
     source, config = resolve_model(model, tokenizer)
     n_layers, d_model, max_len = model_dims(config)
-    _check_positive_int("context_length", context_length)
+    check_positive_int("context_length", context_length)
     if context_length < 2:
         raise ValueError("context_length: must be at least 2 (BOS plus one token); pass a larger value")
     if max_len is not None and context_length > max_len:
@@ -83,11 +90,11 @@ def stream(
             f"context_length: {context_length} exceeds the model's maximum of {max_len}; "
             f"pass context_length={max_len} or less"
         )
-    layers = _check_layers(layers, n_layers)
+    layers = check_layers(layers, n_layers)
     if packing not in PACKINGS:
         raise ValueError(f"packing: expected one of {PACKINGS}, got {packing!r}")
-    exclude_tokens = _check_token_ids(exclude_tokens, config)
-    rank, world_size = _resolve_rank(rank, world_size)
+    exclude_tokens = check_token_ids(exclude_tokens, config)
+    rank, world_size = resolve_rank(rank, world_size)
     check_capture_modules(source, config, layers, capture, modules)
     dataset_source = resolve_dataset(dataset, text_column)
     spec = StreamSpec(
@@ -117,83 +124,6 @@ def stream(
 def gpt2_stream(**overrides: Any) -> ActivationStream:
     """GPT-2 small on OpenWebText, context 1024: rows ``[2, 12, 768]`` (needs the Hugging Face hub)."""
     return stream(**{**GPT2_DEFAULTS, **overrides})
-
-
-def resolve_device(device: str) -> str:
-    """ "auto" stays adaptive when CUDA is available, else is the CPU; an explicit CUDA device
-    without CUDA is an error."""
-    if device == "auto":
-        return "auto" if torch.cuda.is_available() else "cpu"
-    if not isinstance(device, str) or not (device == "cpu" or device.startswith("cuda")):
-        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(
-            f"device: {device!r} requested but CUDA is not available; pass device='cpu' or 'auto'"
-        )
-    return device
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-
-
-def _check_shared_memory(size: int, row_shape: tuple[int, ...], dtype: torch.dtype, n_sources: int) -> None:
-    """A buffer must fit in the free space of /dev/shm, or writing it would die of SIGBUS later."""
-    needed = buffer_nbytes(size, row_shape, dtype, n_sources)
-    try:
-        stat = os.statvfs(SHM_DIR)
-    except OSError:
-        return  # no /dev/shm: SharedRowBuffer.create says so when the loader starts
-    free = stat.f_bavail * stat.f_frsize
-    if needed > free:
-        gib = 1 << 30
-        raise ValueError(
-            f"size: a buffer of {size:,} rows takes {needed / gib:,.2f} GiB of shared memory but {SHM_DIR} "
-            f"has {free / gib:,.2f} GiB free; pass a smaller size (at most about "
-            f"{int(size * free / needed):,} rows) or enlarge {SHM_DIR} (docker: --shm-size)"
-        )
-
-
-def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """This process's shard: as given, else torch.distributed's rank and world size, else (0, 1)."""
-    if rank is None and world_size is None:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-    if rank is None or world_size is None:
-        raise ValueError("rank, world_size: pass both (or neither, to use torch.distributed's)")
-    _check_positive_int("world_size", world_size)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank: expected an integer in 0..{world_size - 1}, got {rank!r}")
-    return rank, world_size
-
-
-def _check_token_ids(ids: Sequence[int], config: Any) -> tuple[int, ...]:
-    vocab = getattr(config.get_text_config(), "vocab_size", None)
-    if isinstance(ids, int | str):
-        ids = [ids]
-    bad = [
-        i
-        for i in ids
-        if isinstance(i, bool) or not isinstance(i, int) or i < 0 or (vocab is not None and i >= vocab)
-    ]
-    if bad:
-        raise ValueError(
-            f"exclude_tokens: {bad} are not token ids of this model (0..{vocab}); pass integer ids"
-        )
-    return tuple(sorted(set(ids)))
-
-
-def _check_layers(layers: Sequence[int] | None, n_layers: int) -> tuple[int, ...]:
-    if layers is None:
-        return tuple(range(n_layers))
-    layers = sorted(set(layers))
-    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers]
-    if bad or not layers:
-        raise ValueError(f"layers: {bad or 'empty'} out of range; the model has layers 0..{n_layers - 1}")
-    return tuple(layers)
 
 
 def from_hdf5(
@@ -255,8 +185,8 @@ class ActivationStream:
         ``normalize="sqrt_d"|"standardize"`` normalises served batches with statistics of the first
         ``stats_rows`` rows, computed in this process when the loader first starts.
         """
-        _check_positive_int("size", size)
-        _check_shared_memory(size, self.spec.row_shape, self.spec.dtype, 1 + (hdf5 is not None))
+        check_positive_int("size", size)
+        check_shared_memory(size, self.spec.row_shape, self.spec.dtype, 1 + (hdf5 is not None))
         if not 0.0 <= warmup <= 1.0:
             raise ValueError(f"warmup: a fraction of the buffer between 0 and 1, got {warmup!r}")
         if isinstance(refresh_interval, bool) or not (
@@ -265,7 +195,7 @@ class ActivationStream:
             raise ValueError(f"refresh_interval: expected positive seconds, got {refresh_interval!r}")
         if normalize is not None and normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize: expected one of {NORMALIZATIONS} or None, got {normalize!r}")
-        _check_positive_int("stats_rows", stats_rows)
+        check_positive_int("stats_rows", stats_rows)
         disk = () if hdf5 is None else (self._disk_source(hdf5, hdf5_fraction),)
         monitor = Monitor(log_dir, progress, refresh_interval)
         return BufferedStream(self.spec, size, warmup, disk, hdf5_fraction, monitor, normalize, stats_rows)
@@ -334,7 +264,7 @@ class BufferedStream:
         (no allocation, no page faults): a batch stays valid only until the batch after next is drawn,
         so use it (e.g. move it to the GPU) and drop it. ``pin_memory=True`` (CUDA only) pins them.
         """
-        _check_positive_int("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
         if pin_memory and not torch.cuda.is_available():
             raise ValueError("pin_memory: needs CUDA, which is not available here; pass pin_memory=False")
         if batch_size > self.size:
@@ -368,18 +298,15 @@ class ActivationLoader:
         self.batch_size = batch_size
         min_fill = max(1, round(buffered.warmup * buffered.size))
         sources = [self.spec, *buffered.disk]
+        batching = Batching(batch_size, drop_last, with_tokens, reuse, pin_memory)
         self._node = BufferBatcher(
             sources,
             buffered.size,
-            batch_size,
-            drop_last,
+            batching,
             min_fill,
-            with_tokens,
             buffered.hdf5_fraction,
             buffered.normalize,
             buffered.stats_rows,
-            reuse,
-            pin_memory,
         )
         self._loader = Loader(self._node)
         self._loaded: dict[str, Any] | None = None

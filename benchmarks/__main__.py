@@ -13,7 +13,7 @@ import sys
 
 from benchmarks.common import Result, print_table
 
-MODULES = ("throughput", "serving", "footprint", "hdf5_io")
+MODULES = ("throughput", "serving", "footprint", "hdf5_io", "saelens")
 RUN = (
     "import dataclasses, json, sys; from benchmarks.{module} import results; "
     "print('RESULTS ' + json.dumps([dataclasses.asdict(r) for r in results({quick})]))"
@@ -31,24 +31,11 @@ def module_results(module: str, quick: bool) -> list[Result]:
     return [Result(**row) for row in json.loads(lines[-1][len("RESULTS ") :])]
 
 
-def saelens_row() -> Result:
-    """The side-by-side row the suite still lacks (see README)."""
-    return Result(
-        "SAELens ActivationsStore, same rows and model shape",
-        "",
-        "",
-        None,
-        "-",
-        "not measured yet: the comparison is not implemented",
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="shorter timings and sizes (under 5 minutes)")
     args = parser.parse_args()
     results = [row for module in MODULES for row in module_results(module, args.quick)]
-    results.append(saelens_row())
     print_table(results, f"python -m benchmarks{' --quick' if args.quick else ''}")
     sys.exit(1 if any(r.note.startswith("FAILED") for r in results) else 0)
 

@@ -133,3 +133,23 @@ def test_hub_model_offline_names_the_offline_alternative():
     message = str(info.value)
     assert "openai-community/gpt2" in message and "Hugging Face hub" in message
     assert "actvpipe.demo_stream()" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "words"),
+    [
+        ("broken.jsonl", b"{not json at all\n", ["could not read", "broken.jsonl", "format"]),
+        ("broken.parquet", b"these bytes are not parquet", ["could not read", "broken.parquet"]),
+    ],
+)
+def test_unreadable_dataset_file_fails_before_any_work(tmp_path, model_dir, name, content, words):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        actvpipe.stream(model_dir, path, context_length=CTX)
+    for word in words:
+        assert word in str(info.value)
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no"):
+        actvpipe.stream(model_dir, empty, context_length=CTX)
