@@ -41,8 +41,13 @@ class Batching:
     size: int
     drop_last: bool = False
     with_tokens: bool = False
-    reuse: bool = False  # gather into two preallocated tensors in turn (implied by pin_memory)
+    reuse: bool = False
     pin_memory: bool = False
+
+    @property
+    def preallocated(self) -> bool:
+        """Gather into two preallocated tensors in turn (``reuse``, implied by ``pin_memory``)."""
+        return self.reuse or self.pin_memory
 
 
 class BufferBatcher(BaseNode):
@@ -255,9 +260,7 @@ class BufferBatcher(BaseNode):
         buffer = self.run.buffer
         slots = buffer.take(self.batching.size, self._rng)
         try:
-            acts = buffer.gather(
-                slots, self._output(len(slots)) if self.batching.reuse or self.batching.pin_memory else None
-            )
+            acts = buffer.gather(slots, self._output(len(slots)) if self.batching.preallocated else None)
             if self.normalization is not None:
                 self.normalization.apply_(acts)
             out = TokenBatch(acts, **buffer.provenance(slots)) if self.batching.with_tokens else acts

@@ -22,6 +22,7 @@ CONFIGS = {
     "qwen2": ("Qwen2Config", {**SMALL, "num_key_value_heads": 2}),
     "gemma": ("GemmaConfig", {**SMALL, "head_dim": 16, "num_key_value_heads": 2}),
     "gemma2": ("Gemma2Config", {**SMALL, "head_dim": 16, "num_key_value_heads": 2}),
+    "gemma3_text": ("Gemma3TextConfig", {**SMALL, "head_dim": 16, "num_key_value_heads": 2}),
     "phi3": ("Phi3Config", {**SMALL, "num_key_value_heads": 2}),  # not in the table: needs modules=
 }
 # This test's own view of each architecture: (decoder layers, norm feeding the MLP), from the full model.
@@ -29,6 +30,7 @@ LAYOUT = {
     "gpt2": ("transformer.h", "ln_2"),
     "gpt_neox": ("gpt_neox.layers", "post_attention_layernorm"),
     "gemma2": ("model.layers", "pre_feedforward_layernorm"),
+    "gemma3_text": ("model.layers", "pre_feedforward_layernorm"),
 }
 PHI3_MODULES = ("model.layers.{i}.post_attention_layernorm", "model.layers.{i}.mlp")
 
@@ -96,7 +98,7 @@ def contexts(arch_dirs, texts):
 
 @pytest.mark.parametrize("arch", [a for a in CONFIGS if a != "phi3"])
 def test_served_rows_equal_forward_hooks(arch, arch_dirs, texts, contexts):
-    capture = ("resid_mid", "mlp_out") if arch != "gemma2" else ("mlp_in", "resid_post")
+    capture = ("mlp_in", "resid_post") if arch in ("gemma2", "gemma3_text") else ("resid_mid", "mlp_out")
     stream = actvpipe.stream(arch_dirs[arch], texts[:2], context_length=CTX, capture=capture)
     with stream.buffer(5000).batch(5000, with_tokens=True) as loader:
         batch = next(iter(loader))
@@ -107,7 +109,7 @@ def test_served_rows_equal_forward_hooks(arch, arch_dirs, texts, contexts):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "gemma2"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "gemma2", "gemma3_text"])
 def test_capture_points_match_their_definitions(arch, arch_dirs, contexts):
     """In-process: each point as captured, related to the others as its definition says."""
     contexts = contexts[arch]
@@ -133,7 +135,7 @@ def test_capture_points_match_their_definitions(arch, arch_dirs, contexts):
         torch.testing.assert_close(got["resid_mid"], got["resid_pre"])
     elif arch in ("gpt2", "llama"):  # sequential: the block output is resid_mid plus the MLP's output
         torch.testing.assert_close(got["resid_post"], got["resid_mid"] + got["mlp_out"], rtol=1e-4, atol=1e-5)
-    else:  # gemma2 normalises the MLP output before adding it
+    else:  # gemma2 and gemma3 normalise the MLP output before adding it
         with torch.no_grad():
             post = torch.stack(
                 [layers[i].post_feedforward_layernorm(got["mlp_out"][:, :, i]) for i in range(2)], 2

@@ -26,10 +26,18 @@ def shm_entries(pid: int | None = None) -> set[str]:
     return {name for name in os.listdir("/dev/shm") if name.startswith(prefix)}
 
 
+def gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie its parent has not reaped yet."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def wait_gone(pid: int, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+        if gone(pid):
             return True
         time.sleep(0.05)
     return False
@@ -41,7 +49,7 @@ def small_stream(model_dir, texts):
 
 
 def test_generator_is_another_process_mapping_the_shared_buffer(small_stream):
-    with small_stream.buffer(5000).batch(100) as loader:
+    with small_stream.buffer(1000).batch(100) as loader:  # smaller than the pass: the generator waits
         pid = loader.generator_pid
         assert pid is not None and pid != os.getpid()
         child = psutil.Process(pid)
@@ -234,7 +242,8 @@ def test_loaders_in_two_processes_do_not_interfere(model_dir, texts):
 
 TRAINER = """
 import actvpipe, os, time
-with actvpipe.stream({model!r}, {docs!r}, context_length=32).buffer(2000).batch(100) as loader:
+docs = {docs!r} * 10  # a pass lasts seconds
+with actvpipe.stream({model!r}, docs, context_length=32).buffer(2000).batch(100) as loader:
     it = iter(loader)
     next(it)
     print(os.getpid(), loader.generator_pid, flush=True)
