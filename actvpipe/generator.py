@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import multiprocessing.forkserver as forkserver
 import os
 import signal
 import sys
@@ -131,11 +132,18 @@ def _running(process: psutil.Process) -> bool:
 
 
 def _context() -> mp.context.BaseContext:
-    """A fork server that imported torch and transformers once: every generator after the first
-    starts in milliseconds instead of seconds (the server starts with the first one)."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["actvpipe.generator"])
-    return ctx
+    """Fork generators from a fork server once one runs; spawn them until then.
+
+    The server imports torch, transformers and actvpipe once, so a generator forked from it starts
+    in milliseconds. It is launched on first use without waiting for those imports (they run in the
+    server, in parallel with the first generator, which is spawned), so no ``start()`` waits for
+    them; a later start waits only if the server is still importing.
+    """
+    if forkserver._forkserver._forkserver_pid is not None:  # private, but the stdlib has no query
+        return mp.get_context("forkserver")
+    forkserver.set_forkserver_preload(["actvpipe.generator"])
+    forkserver.ensure_running()
+    return mp.get_context("spawn")
 
 
 def _quiet_libraries() -> None:
@@ -148,7 +156,8 @@ def _quiet_libraries() -> None:
 
 @contextlib.contextmanager
 def _main_module_hidden() -> Iterator[None]:
-    """Start the child without re-importing the user's ``__main__`` (spawn would rerun the script)."""
+    """Start the child without re-importing the user's ``__main__`` (a spawned or fork-server child
+    would otherwise rerun the script)."""
     main = sys.modules["__main__"]
     sys.modules["__main__"] = types.ModuleType("__main__")
     try:

@@ -269,10 +269,10 @@ def start_trainer(model_dir, texts) -> tuple[subprocess.Popen, int, int]:
 def test_sigkilled_training_process_leaves_nothing_behind(model_dir, texts):
     proc, parent, child = start_trainer(model_dir, texts)
     assert shm_entries(parent)
-    launcher = psutil.Process(child).ppid()  # the fork server the generator was started from
+    helpers = [p.pid for p in psutil.Process(parent).children(recursive=True)]  # fork server, tracker
     proc.kill()  # and not reaped until the end: a dead trainer may stay a zombie for a while
     assert wait_gone(child, timeout=10), "the generator notices its trainer is gone"
-    assert wait_gone(launcher, timeout=10)
+    assert all(wait_gone(pid, timeout=10) for pid in helpers), "no process outlives the trainer"
     proc.wait(timeout=10)
     deadline = time.monotonic() + 10
     while shm_entries(parent) and time.monotonic() < deadline:
