@@ -12,8 +12,9 @@ import torch
 from torchdata.nodes import Loader
 from tqdm import tqdm
 
-from actvpipe.capture import RowBlock, describe_capture
+from actvpipe.capture import describe_capture
 from actvpipe.hdf5 import Hdf5RowWriter, dtype_name, from_storage, storage_dtype
+from actvpipe.records import RowBlock
 from actvpipe.resume import ResumePlan
 from actvpipe.spec import Hdf5Spec, StreamSpec
 from actvpipe.stats import ActivationStats, Welford

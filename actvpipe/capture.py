@@ -13,7 +13,7 @@ from torch import nn
 from torchdata.nodes import BaseNode
 
 from actvpipe.placement import Placement
-from actvpipe.text import ContextBlock
+from actvpipe.records import ContextBlock, RowBlock
 
 # Capture points in the order a forward reaches them within one transformer block.
 CAPTURE_POINTS: dict[str, str] = {
@@ -98,39 +98,6 @@ def find_module(model: nn.Module, template: str, i: int) -> nn.Module:
         f"modules: {path!r} is not a module of this {type(model).__name__}; pass "
         f"modules=(norm, mlp) templates such as {OVERRIDE_EXAMPLE!r}"
     )
-
-
-@dataclass(frozen=True)
-class FileRange:
-    """Where rows go when copied file to file: an open descriptor and the byte offset in it."""
-
-    fd: int
-    offset: int
-
-
-@dataclass
-class RowBlock:
-    """Rows ``[n, 2, n_layers, d_model]`` with per-row ``meta``: ``row_id`` (position in the pass's
-    generation order), ``seq``, ``pos``, ``token_ids``, and the start ``block_seq``/``block_record``/
-    ``block_offset`` of the block that produced it. ``next_block`` says where the following block
-    starts, when the producer can restart there. A block read from disk has no ``rows`` tensor but
-    ``read_into(dest, lo, hi)``, which reads its rows ``lo:hi`` straight into ``dest``: a uint8 array
-    over whole rows, or a ``FileRange`` of the shared buffer's file, so they land in the buffer
-    without an intermediate copy."""
-
-    rows: torch.Tensor | None
-    meta: dict[str, np.ndarray]
-    next_block: tuple[int, int, int] | None = None
-    computed: int = 0  # rows the model produced for this block, before any resume filtering
-    read_into: Callable[[np.ndarray | FileRange, int, int], None] | None = None
-
-    def __len__(self) -> int:
-        return len(self.meta["row_id"])
-
-    def select(self, keep: np.ndarray) -> RowBlock:
-        index = torch.from_numpy(np.flatnonzero(keep))
-        meta = {k: v[keep] for k, v in self.meta.items()}
-        return RowBlock(self.rows.index_select(0, index), meta, self.next_block, self.computed)
 
 
 class _StopForward(Exception):

@@ -1,7 +1,7 @@
-"""The generator process: builds the node graph text -> contexts -> rows and writes rows into the buffer.
+"""The generator process: runs a source's node graph and writes its rows into the shared buffer.
 
-``GeneratorRun`` is the training side's handle on one pass: the shared buffer plus the process, both
-cleaned up however the run ends (``close()``, an exception, garbage collection or interpreter exit).
+``GeneratorRun`` is the training side's handle on the processes of one run: started for a buffer,
+stopped however the run ends (``close()``, an exception, garbage collection or interpreter exit).
 """
 
 from __future__ import annotations
@@ -18,20 +18,17 @@ import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 
-import numpy as np
 import psutil
 import torch
-from torchdata.nodes import BaseNode, Loader, Prefetcher
+from torchdata.nodes import Loader
 
-from actvpipe.capture import ActivationCapture, CaptureNode, RowBlock
-from actvpipe.models import load_model, load_tokenizer
-from actvpipe.placement import Placement
-from actvpipe.resume import PlannedContexts, ResumePlan, RowFilter
+from actvpipe.records import RowBlock
+from actvpipe.resume import ResumePlan
 from actvpipe.shm import SharedRowBuffer
 from actvpipe.spec import Hdf5Spec, StreamSpec
-from actvpipe.text import DocumentBlocks, PackedContexts, ShardedContexts
 
 Source = StreamSpec | Hdf5Spec
+MAX_WAIT = 0.005  # seconds: the longest sleep of any poll, between two checks of the other side
 
 
 class GeneratorError(RuntimeError):
@@ -42,48 +39,20 @@ class _Stopped(Exception):
     """The training side asked the generator to stop, or went away."""
 
 
-def build_rows_graph(
-    spec: StreamSpec,
-    plan: ResumePlan,
-    fill: Callable[[], float] | None = None,
-    report: Callable[[bool], None] | None = None,
-) -> BaseNode[RowBlock]:
-    """Load model and tokenizer, then: documents -> packed contexts per the plan (tokenized in a
-    background thread) -> captured rows (on the device ``Placement`` picks) -> plan filter."""
-    torch.set_num_threads(spec.threads or os.cpu_count() or 1)
-    model = load_model(spec.model, spec.compute_dtype, "cpu")
-    placement = Placement(model, spec.device, spec.watermarks, fill, report)
-    tokenizer = load_tokenizer(spec.model.tokenizer)
-    packer = PackedContexts(
-        DocumentBlocks(spec.dataset), tokenizer, spec.context_length, spec.generation_batch_size, spec.packing
-    )
-    contexts = PlannedContexts(packer, plan)
-    if spec.world_size > 1:
-        contexts = ShardedContexts(contexts, spec.rank, spec.world_size, spec.generation_batch_size)
-    contexts = Prefetcher(contexts, prefetch_factor=4)
-    capture = ActivationCapture(model, spec.layers, spec.first_pos, spec.capture, spec.modules)
-    rows = CaptureNode(contexts, capture, spec.dtype, placement, spec.exclude_tokens)
-    return RowFilter(rows, plan)
-
-
 def write_block(
     buffer: SharedRowBuffer, block: RowBlock, next_block: tuple | None, should_stop: Callable, source: int = 0
 ) -> None:
-    """Copy a block into free slots as they become available, pushing each piece to the source's FIFO.
-
-    At most ``cap`` of the source's rows wait unpublished, so one fast source cannot take every free
-    slot from another. ``next_block`` (seq, record, offset), pushed with the last piece, says where
-    the next block starts.
-    """
+    """Copy a block into the free slots the trainer hands this source as they come, pushing each
+    piece to the source's FIFO; ``next_block`` (seq, record, offset), pushed with the last piece,
+    says where the next block starts."""
     written, backoff = 0, 1e-4
     while True:
-        room = buffer.get("cap", source) - buffer.pending(source)
-        slots = buffer.claim(min(len(block) - written, max(room, 0)))
+        slots = buffer.claim(len(block) - written, source)
         if len(slots) == 0 and written < len(block):
             if should_stop():
                 raise _Stopped
             time.sleep(backoff)
-            backoff = min(2 * backoff, 0.005)
+            backoff = min(2 * backoff, MAX_WAIT)
             continue
         end = written + len(slots)
         buffer.write(slots, block, written, end, source)
@@ -96,20 +65,25 @@ def write_block(
 def generator_main(
     source: Source, plan: ResumePlan, buffer: SharedRowBuffer, parent_pid: int, index: int
 ) -> None:
-    """Entry point of a generator process: fills the buffer as its source number ``index``."""
-
+    """Entry point of a generator process: fills the buffer as its source number ``index``. If the
+    trainer dies, the generator removes the shared block's name (the trainer cannot) and exits."""
     trainer = psutil.Process(parent_pid)
 
     def should_stop() -> bool:
-        return buffer.stop_requested() or not _running(trainer)
+        if not _running(trainer):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(buffer.path)
+            return True
+        return buffer.stop_requested()
 
     # Ctrl-C reaches the whole process group: the training process handles it and stops this one.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _quiet_libraries()
-        fill = lambda: 1.0 - buffer.get("n_free") / buffer.size  # noqa: E731
-        report = lambda on_gpu: buffer.set_field("on_gpu", int(on_gpu), index)  # noqa: E731
-        for block in Loader(source.rows_graph(plan, fill, report)):
+        if isinstance(source, StreamSpec):
+            torch.set_num_threads(source.threads or os.cpu_count() or 1)
+        report = lambda on_gpu: buffer.set("on_gpu", int(on_gpu), index)  # noqa: E731
+        for block in Loader(source.rows_graph(plan, buffer.fill_fraction, report)):
             if should_stop():
                 return
             buffer.count_computed(block.computed, index)
@@ -118,7 +92,7 @@ def generator_main(
     except _Stopped:
         return
     except BaseException:
-        buffer.fail(traceback.format_exc())
+        buffer.fail(traceback.format_exc(), index)
         sys.exit(1)
 
 
@@ -167,31 +141,25 @@ def _main_module_hidden() -> Iterator[None]:
 
 
 PROCESS_CHECK_INTERVAL = 0.05  # seconds between asking the OS whether the generators live
+STOP_GRACE = 0.02  # seconds a generator gets to stop by itself on close() before it is killed
+PAUSE_VARIABLE = "ACTVPIPE_TEST_PAUSE"  # tests: seconds each generator-side buffer operation pauses
 
 
 class GeneratorRun:
-    """One pass (or its remainder, per the plans): a fresh shared buffer and one process per source."""
+    """One process per source, writing into ``buffer`` per its plan."""
 
-    def __init__(
-        self, sources: Sequence[Source], size: int, plans: Sequence[ResumePlan], caps: Sequence[int]
-    ):
+    def __init__(self, sources: Sequence[Source], buffer: SharedRowBuffer, plans: Sequence[ResumePlan]):
         ctx = _context()
-        dtype, row_shape = sources[0].dtype, sources[0].row_shape
-        self.buffer = SharedRowBuffer.create(size, row_shape, dtype, ctx.Lock(), n_sources=len(sources))
+        self.buffer = buffer
         self.processes = []
-        for index, (source, plan, cap) in enumerate(zip(sources, plans, caps, strict=True)):
-            self.buffer.set_cap(index, cap)
-            # Where the source starts, for a state saved before it writes anything.
-            start = tuple(int(v) for v in plan.blocks[-1])
-            self.buffer.push(np.zeros(0, dtype=np.int64), next_block=start, source=index)
-            args = (source, plan, self.buffer, os.getpid(), index)
+        for index, (source, plan) in enumerate(zip(sources, plans, strict=True)):
+            args = (source, plan, buffer, os.getpid(), index)
             name = f"actvpipe-generator-{index}"
             self.processes.append(ctx.Process(target=generator_main, args=args, name=name, daemon=True))
-        self._finalizer = weakref.finalize(self, _shutdown, self.buffer, self.processes)
+        self._finalizer = weakref.finalize(self, _shutdown, buffer, self.processes)
         with _main_module_hidden():
             for process in self.processes:
                 process.start()
-        self.used = False
         self._next_process_check = 0.0
 
     @property
@@ -202,8 +170,9 @@ class GeneratorRun:
     def check_alive(self) -> None:
         """Raise ``GeneratorError`` if a generator failed or died before finishing its pass.
 
-        Called per batch: the error flag is one shared-memory read; asking the OS whether the
-        processes live costs more (~13 µs with a fork server), so that runs at most every 50 ms.
+        Called per batch and in every wait: the error flags are shared-memory reads; asking the OS
+        whether the processes live costs more (~13 µs with a fork server), so that runs at most every
+        50 ms.
         """
         text = self.buffer.error_text()
         if text is not None:
@@ -220,17 +189,23 @@ class GeneratorRun:
                     if code is not None and code < 0
                     else f"exit code {code}"
                 )
-                raise GeneratorError(f"the actvpipe generator process died ({how}) before finishing its pass")
+                doing = self.buffer.operation(index)
+                raise GeneratorError(
+                    f"the actvpipe generator process died ({how}, while {doing}) before finishing its pass"
+                )
 
     def close(self) -> None:
         self._finalizer()
 
 
 def _shutdown(buffer: SharedRowBuffer, processes: list[mp.Process]) -> None:
+    """Ask the generators to stop, kill any still running after ``STOP_GRACE`` (their rows are being
+    discarded, and they hold nothing the trainer needs), then remove the shared block."""
     buffer.request_stop()
+    deadline = time.monotonic() + STOP_GRACE
     for process in processes:
         if process.pid is not None:
-            process.join(timeout=5)
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 process.kill()
                 process.join(timeout=5)

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torchdata.nodes import BaseNode
 
-from actvpipe.capture import DEFAULT_CAPTURE, FileRange, RowBlock, describe_capture
+from actvpipe.capture import DEFAULT_CAPTURE, describe_capture
+from actvpipe.records import FileRange, RowBlock
 from actvpipe.stats import ActivationStats
 
 FORMAT = "actvpipe-activations/1"

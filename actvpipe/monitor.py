@@ -125,11 +125,11 @@ class Monitor:
 
     def _snapshot(self, run: Any) -> Snapshot:
         buffer = run.buffer
-        pids = [os.getpid(), *(p.pid for p in run.processes if p.pid is not None)]
+        pids = [os.getpid(), *(p.pid for p in run.generators.processes if p.pid is not None)]
         written = [(buffer.get("written", k), self.disk_sources[k]) for k in range(buffer.n_sources)]
         return Snapshot(
             time=time.monotonic(),
-            held=buffer.size - buffer.get("n_free"),
+            held=buffer.held(),
             size=buffer.size,
             generated=sum(n for n, disk in written if not disk),
             disk=sum(n for n, disk in written if disk),

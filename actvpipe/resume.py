@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torchdata.nodes import BaseNode
 
-from actvpipe.capture import RowBlock
-from actvpipe.text import ContextBlock, PackedContexts
+from actvpipe.records import ContextBlock, RowBlock
+from actvpipe.text import PackedContexts
 
 STATE_VERSION = 2
 

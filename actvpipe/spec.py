@@ -13,6 +13,7 @@ import torch
 from actvpipe.documents import DatasetSource
 from actvpipe.hdf5 import Hdf5File, Hdf5Rows
 from actvpipe.models import ModelSource
+from actvpipe.pipeline import build_rows_graph
 from actvpipe.placement import DEFAULT_WATERMARKS
 
 
@@ -57,8 +58,6 @@ class StreamSpec:
     def rows_graph(self, plan, fill=None, report=None):
         """Load model and tokenizer (in the generator process) and build text -> rows per ``plan``;
         ``fill`` and ``report`` connect the device policy to the buffer (see ``Placement``)."""
-        from actvpipe.generator import build_rows_graph
-
         return build_rows_graph(self, plan, fill, report)
 
     def fingerprint(self) -> dict[str, object]:

@@ -24,6 +24,7 @@ from actvpipe.checks import (
 )
 from actvpipe.documents import resolve_dataset
 from actvpipe.hdf5 import FORMAT, check_matching, dtype_name, expand_paths, open_cache_file
+from actvpipe.mixing import Mixing
 from actvpipe.models import check_capture_modules, model_dims, resolve_model
 from actvpipe.monitor import Monitor
 from actvpipe.placement import DEFAULT_WATERMARKS, check_watermarks
@@ -296,18 +297,17 @@ class ActivationLoader:
         self.spec = buffered.spec
         self.buffer_size = buffered.size
         self.batch_size = batch_size
-        min_fill = max(1, round(buffered.warmup * buffered.size))
         sources = [self.spec, *buffered.disk]
-        batching = Batching(batch_size, drop_last, with_tokens, reuse, pin_memory)
-        self._node = BufferBatcher(
-            sources,
-            buffered.size,
-            batching,
-            min_fill,
-            buffered.hdf5_fraction,
-            buffered.normalize,
-            buffered.stats_rows,
+        mixing = Mixing(
+            size=buffered.size,
+            min_fill=max(1, round(buffered.warmup * buffered.size), batch_size),
+            n_sources=len(sources),
+            fraction=buffered.hdf5_fraction,
+            deterministic=self.spec.deterministic,
+            disk_rows=sum(f.rows for disk in buffered.disk for f in disk.files),
         )
+        batching = Batching(batch_size, drop_last, with_tokens, reuse, pin_memory)
+        self._node = BufferBatcher(sources, batching, mixing, buffered.normalize, buffered.stats_rows)
         self._loader = Loader(self._node)
         self._loaded: dict[str, Any] | None = None
         self._monitor = buffered.monitor
@@ -376,11 +376,17 @@ class ActivationLoader:
         names = ("written", "published", "served", "computed")
         if run is None:
             return dict.fromkeys((*names, "fill"), 0)
-        counts = {k: run.buffer.total(k) for k in names if k != "served"}
-        return {**counts, "served": run.buffer.get("served"), "fill": run.buffer.fill()}
+        trainer = run.ledger.counts
+        counts = {"written": run.buffer.total("written"), "computed": run.buffer.total("computed")}
+        return {
+            **counts,
+            "published": sum(trainer.published),
+            "served": trainer.served,
+            "fill": trainer.n_full,
+        }
 
     @property
     def generator_pid(self) -> int | None:
         """PID of the current generator process (None before ``start()``)."""
         run = self._node.run
-        return run.process.pid if run is not None else None
+        return run.generators.process.pid if run is not None else None

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from torchdata.nodes import BaseNode
 
 from actvpipe.documents import DatasetSource, document_blocks
+from actvpipe.records import ContextBlock
 
 
 def pack_contexts(
@@ -65,21 +65,6 @@ def truncate_contexts(
 
 
 PACKINGS = ("concat", "truncate")
-
-
-@dataclass
-class ContextBlock:
-    """Consecutive packed contexts: ``tokens[j]`` is global context number ``first_seq + j``.
-
-    ``start`` is where the block's first context begins in the dataset, ``next_start`` where the
-    following block begins: packing restarted there reproduces the following contexts exactly.
-    """
-
-    tokens: np.ndarray
-    first_seq: int
-    start: tuple[int, int]
-    next_start: tuple[int, int]
-    lengths: np.ndarray | None = None  # per context, positions before padding (None: no padding)
 
 
 class DocumentBlocks(BaseNode[list]):

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 import actvpipe
-from actvpipe.capture import RowBlock
 from actvpipe.hdf5 import META_DATASETS, Hdf5RowWriter
+from actvpipe.records import RowBlock
 from benchmarks.common import Result, cli
 
 ROW = (2, 12, 768)

@@ -14,8 +14,8 @@ import torch
 from conftest import reference_pass
 
 import actvpipe
-from actvpipe.capture import RowBlock
 from actvpipe.hdf5 import Hdf5RowWriter
+from actvpipe.records import RowBlock
 
 CTX = 32
 

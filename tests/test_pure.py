@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
-
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actvpipe.shm import SharedRowBuffer
 from actvpipe.slots import remove_positions, sample_positions
 from actvpipe.text import pack_contexts
 
@@ -92,25 +88,3 @@ def test_remove_positions_keeps_exactly_the_others_dense(n, data):
     remove_positions(slots, n, positions)
     kept = np.delete(before, positions)
     assert sorted(slots[: n - k].tolist()) == sorted(kept.tolist())
-
-
-@settings(max_examples=30, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.integers(1, 12)), min_size=1, max_size=30))
-def test_free_list_hands_out_each_slot_once_without_initialising_it(steps):
-    """Claims and releases on a real shared buffer whose free list starts implicit (never written)."""
-    buffer = SharedRowBuffer.create(16, (2, 1, 2), torch.float32, mp.get_context("spawn").Lock())
-    try:
-        assert not buffer.free.any(), "creating the buffer wrote nothing to the free list"
-        held: list[int] = []
-        for claim, k in steps:
-            if claim:
-                got = buffer.claim(k).tolist()
-                assert len(got) == min(k, 16 - len(held)) and not set(got) & set(held)
-                held += got
-            else:
-                back, held = held[:k], held[k:]
-                buffer.release(np.array(back, dtype=np.int64))
-            assert buffer.get("n_free") == 16 - len(held)
-        assert sorted(held + buffer.claim(16).tolist()) == list(range(16))
-    finally:
-        buffer.unlink()

@@ -1,0 +1,214 @@
+"""The trainer's side of the shared buffer: which slots are full, pooled, or handed to each source.
+
+Every change is prepared where nothing reads it yet and then committed by one assignment of an
+immutable ``Counts``, so an exception at any point (a ``KeyboardInterrupt`` included) leaves the
+ledger as it was before or as it is after, never in between. The counters the generators and the
+monitor read are copied into the shared header after each commit (``mirror``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from actvpipe.shm import SharedRowBuffer, fence
+from actvpipe.slots import remove_positions, sample_positions
+
+
+@dataclass(frozen=True)
+class Counts:
+    """The trainer's counters, per source where a tuple."""
+
+    n_full: int  # sampleable slots: full[:n_full]
+    pool: int  # slots not handed out: pool[:pool], plus the never-used slots [fresh, size)
+    fresh: int
+    granted: tuple[int, ...]  # free-ring entries handed to each source
+    published: tuple[int, ...]  # FIFO entries taken from each source (this run)
+    pass_published: tuple[int, ...]  # rows published from each source in the whole pass
+    frontiers: tuple[int, ...]  # one past the id of each source's latest published row
+    served: int
+    batches: int
+    restore: np.ndarray | None = None  # the saved buffer's row keys, until its rows are restored
+
+
+def initial_grants(caps: list[int], size: int) -> list[int]:
+    """Slots each source gets before it starts: its cap, the last source first, as far as they go."""
+    grants, left = [0] * len(caps), size
+    for k in reversed(range(len(caps))):
+        grants[k] = max(0, min(caps[k], left))
+        left -= grants[k]
+    return grants
+
+
+@dataclass(frozen=True)
+class Draw:
+    """A batch's slots, drawn but not yet removed, and how to put the sampler back if serving fails."""
+
+    slots: np.ndarray
+    positions: np.ndarray
+    rng_state: dict[str, Any]
+
+
+class Ledger:
+    """The trainer's bookkeeping of one run's buffer; ``caps[k]`` bounds the slots source ``k`` holds
+    (handed out and not yet published)."""
+
+    def __init__(
+        self,
+        buffer: SharedRowBuffer,
+        caps: list[int],
+        frontiers: list[int],
+        pass_published: list[int],
+        batches: int = 0,
+        restore: np.ndarray | None = None,
+    ):
+        self.buffer = buffer
+        self.caps = list(caps)
+        n = buffer.n_sources
+        grants = initial_grants(self.caps, buffer.size)
+        base = 0
+        for k in reversed(range(n)):  # handed out implicitly: no ring entry is written for these
+            buffer.set("implicit", grants[k], k)
+            buffer.set("base", base, k)
+            buffer.set("granted", grants[k], k)
+            base += grants[k]
+        self.pool = np.empty(buffer.size, dtype=np.int64)  # pages are touched only as slots return
+        self.counts = Counts(
+            n_full=0,
+            pool=0,
+            fresh=base,
+            granted=tuple(grants),
+            published=(0,) * n,
+            pass_published=tuple(pass_published),
+            frontiers=tuple(frontiers),
+            served=0,
+            batches=batches,
+            restore=restore,
+        )
+
+    def _commit(self, **changes: Any) -> None:
+        self.counts = dataclasses.replace(self.counts, **changes)
+        self.mirror()
+
+    def mirror(self) -> None:
+        """Copy the counters other processes read into the shared header."""
+        buffer, c = self.buffer, self.counts
+        fence()
+        buffer.set("n_full", c.n_full)
+        buffer.set("served", c.served)
+        for k in range(buffer.n_sources):
+            buffer.set("published", c.published[k], k)
+            buffer.set("granted", c.granted[k], k)
+
+    def pending(self, source: int) -> int:
+        """Rows the source wrote that are not yet published."""
+        return self.buffer.get("written", source) - self.counts.published[source]
+
+    def fill(self) -> int:
+        return self.counts.n_full
+
+    def publish(self, source: int, max_rows: int) -> int:
+        """Make up to ``max_rows`` of the source's oldest written rows sampleable; returns how many."""
+        c = self.counts
+        n = max(0, min(max_rows, self.pending(source)))
+        if n == 0:
+            return 0
+        slots = self.buffer.written_slots(source, c.published[source], n)
+        self.buffer.full[c.n_full : c.n_full + n] = slots
+        frontier = int(self.buffer.meta["row_id"][slots[-1]]) + 1  # generation order: the last is newest
+        self._commit(
+            n_full=c.n_full + n,
+            published=_plus(c.published, source, n),
+            pass_published=_plus(c.pass_published, source, n),
+            frontiers=_with(c.frontiers, source, frontier),
+        )
+        return n
+
+    def publish_restored(self, counts: list[int], place: Any) -> None:
+        """Make the first ``counts[k]`` rows of each source sampleable in the order ``place(slots)``
+        gives (the restored buffer's order). They were buffered before the save: no frontier moves."""
+        c = self.counts
+        slots = np.concatenate(
+            [self.buffer.written_slots(k, c.published[k], n) for k, n in enumerate(counts)]
+        )
+        ordered = place(slots)
+        self.buffer.full[c.n_full : c.n_full + len(ordered)] = ordered
+        published = tuple(p + n for p, n in zip(c.published, counts, strict=True))
+        self._commit(n_full=c.n_full + len(ordered), published=published, restore=None)
+
+    def draw(self, k: int, rng: np.random.Generator) -> Draw:
+        """Pick up to ``k`` uniformly random full slots (nothing changes until ``remove``)."""
+        state = rng.bit_generator.state
+        positions = sample_positions(rng, self.counts.n_full, k)
+        return Draw(self.buffer.full[positions], positions, state)
+
+    def remove(self, draw: Draw) -> None:
+        """Take a drawn batch's slots out of the full list into the pool (the rows were copied out).
+
+        The commit is the last statement: once it has run, the batch counts as served. The shared
+        header catches up at the next ``mirror``.
+        """
+        c = self.counts
+        k = len(draw.slots)
+        self.pool[c.pool : c.pool + k] = draw.slots
+        try:
+            remove_positions(self.buffer.full, c.n_full, draw.positions)  # one store into the list
+            self.counts = dataclasses.replace(
+                c, n_full=c.n_full - k, pool=c.pool + k, served=c.served + k, batches=c.batches + 1
+            )
+        except BaseException:
+            if self.counts is c:  # interrupted before the commit: put the drawn slots back
+                self.buffer.full[draw.positions] = draw.slots
+            raise
+
+    def grant(self) -> None:
+        """Hand pooled slots to each source up to its cap, the last source first; take back the
+        unused slots of sources that finished."""
+        for k in reversed(range(self.buffer.n_sources)):
+            if self.buffer.done(k):
+                self._reclaim(k)
+                continue
+            c = self.counts
+            room = self.caps[k] - (c.granted[k] - c.published[k])
+            n = min(room, c.pool + self.buffer.size - c.fresh)
+            if n <= 0:
+                continue
+            from_pool = min(n, c.pool)
+            slots = np.concatenate(
+                [self.pool[c.pool - from_pool : c.pool], np.arange(c.fresh, c.fresh + n - from_pool)]
+            )
+            self.buffer.hand_out(k, c.granted[k], slots)
+            self._commit(
+                pool=c.pool - from_pool, fresh=c.fresh + n - from_pool, granted=_plus(c.granted, k, n)
+            )
+
+    def _reclaim(self, k: int) -> None:
+        c = self.counts
+        claimed = self.buffer.get("claimed", k)
+        unused = c.granted[k] - claimed
+        if unused <= 0:
+            return
+        fence()
+        implicit, base = self.buffer.get("implicit", k), self.buffer.get("base", k)
+        at = claimed + np.arange(unused)
+        slots = np.where(at < implicit, at + base, self.buffer.free_rings[k][at % self.buffer.size])
+        self.pool[c.pool : c.pool + unused] = slots
+        self._commit(pool=c.pool + unused, granted=_with(c.granted, k, claimed))
+
+    def full_meta(self) -> dict[str, np.ndarray]:
+        """Provenance of every sampleable row, in the full list's order."""
+        return self.buffer.meta_of(self.buffer.full[: self.counts.n_full])
+
+    def continuations(self) -> list[tuple[int, int, int]]:
+        return [self.buffer.continuation(k, self.counts.published[k]) for k in range(self.buffer.n_sources)]
+
+
+def _plus(values: tuple[int, ...], k: int, n: int) -> tuple[int, ...]:
+    return _with(values, k, values[k] + n)
+
+
+def _with(values: tuple[int, ...], k: int, value: int) -> tuple[int, ...]:
+    return (*values[:k], value, *values[k + 1 :])

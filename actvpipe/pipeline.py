@@ -1,0 +1,41 @@
+"""The generator's node graph: documents -> packed contexts -> captured rows, per a resume plan."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from torchdata.nodes import BaseNode, Prefetcher
+
+from actvpipe.capture import ActivationCapture, CaptureNode
+from actvpipe.models import load_model, load_tokenizer
+from actvpipe.placement import Placement
+from actvpipe.records import RowBlock
+from actvpipe.resume import PlannedContexts, ResumePlan, RowFilter
+from actvpipe.text import DocumentBlocks, PackedContexts, ShardedContexts
+
+if TYPE_CHECKING:
+    from actvpipe.spec import StreamSpec
+
+
+def build_rows_graph(
+    spec: StreamSpec,
+    plan: ResumePlan,
+    fill: Callable[[], float] | None = None,
+    report: Callable[[bool], None] | None = None,
+) -> BaseNode[RowBlock]:
+    """Load model and tokenizer, then: documents -> packed contexts per the plan (tokenized in a
+    background thread) -> captured rows (on the device ``Placement`` picks) -> plan filter."""
+    model = load_model(spec.model, spec.compute_dtype, "cpu")
+    placement = Placement(model, spec.device, spec.watermarks, fill, report)
+    tokenizer = load_tokenizer(spec.model.tokenizer)
+    packer = PackedContexts(
+        DocumentBlocks(spec.dataset), tokenizer, spec.context_length, spec.generation_batch_size, spec.packing
+    )
+    contexts = PlannedContexts(packer, plan)
+    if spec.world_size > 1:
+        contexts = ShardedContexts(contexts, spec.rank, spec.world_size, spec.generation_batch_size)
+    contexts = Prefetcher(contexts, prefetch_factor=4)
+    capture = ActivationCapture(model, spec.layers, spec.first_pos, spec.capture, spec.modules)
+    rows = CaptureNode(contexts, capture, spec.dtype, placement, spec.exclude_tokens)
+    return RowFilter(rows, plan)

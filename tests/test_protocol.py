@@ -1,0 +1,138 @@
+"""The buffer protocol and the mixing policy alone: property tests on a real shared buffer, with the
+trainer's ledger on one side and the generator's ring operations on the other."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from actvpipe.ledger import Ledger, initial_grants
+from actvpipe.mixing import Mixing, Observed
+from actvpipe.shm import SharedRowBuffer
+
+SIZE = 16
+
+
+def locations(buffer: SharedRowBuffer, ledger: Ledger, held: list[list[int]]) -> list[int]:
+    """Every slot, once per place it is in: pool, free rings, claimed by a source, FIFOs, full list."""
+    c = ledger.counts
+    out = [*ledger.pool[: c.pool].tolist(), *range(c.fresh, buffer.size)]
+    for k in range(buffer.n_sources):
+        claimed, implicit, base = (buffer.get(f, k) for f in ("claimed", "implicit", "base"))
+        for at in range(claimed, c.granted[k]):
+            out.append(at + base if at < implicit else int(buffer.free_rings[k][at % buffer.size]))
+        out += held[k]
+        out += buffer.fifos[k][np.arange(c.published[k], buffer.get("written", k)) % buffer.size].tolist()
+    return out + buffer.full[: c.n_full].tolist()
+
+
+operations = st.lists(
+    st.tuples(
+        st.sampled_from(["claim", "push", "publish", "serve", "grant"]), st.integers(0, 1), st.integers(1, 9)
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(operations, st.integers(1, 2), st.lists(st.integers(0, SIZE), min_size=2, max_size=2))
+def test_every_slot_is_in_exactly_one_place_after_any_interleaving(ops, n_sources, caps):
+    buffer = SharedRowBuffer.create(SIZE, (1, 1, 2), torch.float32, n_sources)
+    try:
+        caps = caps[:n_sources]
+        ledger = Ledger(buffer, caps, [0] * n_sources, [0] * n_sources)
+        assert not any(ring.any() for ring in buffer.free_rings), "handing out the first slots wrote nothing"
+        held: list[list[int]] = [[] for _ in range(n_sources)]
+        rng = np.random.default_rng(0)
+        for op, k, n in ops:
+            k = k % n_sources
+            if op == "claim":
+                held[k] += buffer.claim(n, k).tolist()
+            elif op == "push":
+                buffer.push(np.array(held[k], dtype=np.int64), None, k)
+                held[k] = []
+            elif op == "publish":
+                ledger.publish(k, n)
+            elif op == "serve":
+                ledger.remove(ledger.draw(n, rng))
+            else:
+                ledger.grant()
+            where = locations(buffer, ledger, held)
+            assert sorted(where) == list(range(SIZE)), f"after {op}: {sorted(where)}"
+            granted = ledger.counts.granted[k] - ledger.counts.published[k]
+            assert op != "grant" or granted <= max(ledger.caps[k], initial_grants(caps, SIZE)[k])
+    finally:
+        buffer.unlink()
+
+
+def test_a_finished_source_gives_back_the_slots_it_did_not_use():
+    buffer = SharedRowBuffer.create(SIZE, (1, 1, 2), torch.float32, 2)
+    try:
+        ledger = Ledger(buffer, [SIZE, 6], [0, 0], [0, 0])
+        assert initial_grants([SIZE, 6], SIZE) == [10, 6]
+        buffer.push(buffer.claim(2, 1), None, 1)
+        buffer.finish(1)
+        ledger.grant()
+        assert ledger.counts.granted[1] == 2 and ledger.counts.granted[0] == SIZE - 2
+    finally:
+        buffer.unlink()
+
+
+sizes = st.tuples(st.integers(10, 400), st.floats(0.05, 0.95)).map(lambda t: (t[0], max(1, int(t[0] * t[1]))))
+observed = st.tuples(
+    st.integers(0, 400),
+    st.integers(0, 400),
+    st.integers(0, 400),
+    st.booleans(),
+    st.booleans(),
+    st.integers(0, 5000),
+)
+
+
+@given(sizes, st.floats(0.0, 1.0), observed)
+def test_deterministic_shares_fit_the_free_slots(size_fill, fraction, seen):
+    """Each top-up takes exactly what the warm-up fill lacks, and the caps sum to at most the slots
+    not sampleable, so every source can hold its share at once (no source starves another)."""
+    size, min_fill = size_fill
+    fill = seen[0] % (min_fill + 1)
+    mixing = Mixing(size, min_fill, 2, fraction, deterministic=True, disk_rows=10**6)
+    pending, done = (seen[1], seen[2]), (seen[3], seen[4])
+    decision = mixing.decide(Observed(fill, pending, done, (seen[5], seen[5] // 3)))
+    assert sum(decision.caps) <= size - fill
+    if decision.allowances is not None:
+        assert sum(decision.allowances) == min_fill - fill or any(done)
+        assert all(a >= 0 for a in decision.allowances)
+        assert all(done[k] or pending[k] >= a for k, a in enumerate(decision.allowances))
+
+
+@given(sizes, st.floats(0.0, 1.0), observed)
+def test_disk_rows_stay_within_their_fraction(size_fill, fraction, seen):
+    """Beyond the warm-up fill, publishing what the policy allows keeps disk rows at most
+    ``fraction`` of all rows, unless the live source is exhausted or disk rows fill every free slot."""
+    size, min_fill = size_fill
+    fill = seen[0] % (size + 1)
+    mixing = Mixing(size, min_fill, 2, fraction, disk_rows=10**6)
+    pending, done = (seen[1], seen[2]), (seen[3], seen[4])
+    published = (seen[5], min(seen[5] // 2, int(fraction * seen[5]) + min_fill))
+    decision = mixing.decide(Observed(fill, pending, done, published))
+    live, disk = (min(a, p) for a, p in zip(decision.allowances, pending, strict=True))
+    live_exhausted = done[0] and pending[0] == live
+    rescue = fill + live < min_fill and pending[1] >= size - fill - live
+    if not (live_exhausted or rescue):
+        assert published[1] + disk <= int(fraction * (sum(published) + live)) + min_fill or disk == 0
+
+
+def test_disk_rows_fill_the_buffer_first():
+    mixing = Mixing(100, 50, 2, 0.3, disk_rows=1000)
+    assert mixing.initial_caps((0, 0)) == (50, 25), "the live source leaves the warm-up's room"
+    waiting = mixing.decide(Observed(0, (80, 10), (False, False), (0, 10)))
+    assert waiting.allowances[0] == 0, "no live row before the warm-up's disk rows"
+    after = mixing.decide(Observed(50, (80, 10), (False, False), (0, 50)))
+    assert after.allowances[0] == 100 and after.caps[0] == 100
+
+
+def test_one_source_publishes_everything_or_exactly_the_warmup_gap():
+    assert Mixing(100, 50).decide(Observed(10, (70,), (False,), (0,))).allowances == (100,)
+    assert Mixing(100, 50, deterministic=True).decide(Observed(10, (70,), (False,), (0,))).allowances == (40,)
