@@ -7,6 +7,7 @@ stopped however the run ends (``close()``, an exception, garbage collection or i
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing as mp
 import multiprocessing.forkserver as forkserver
 import os
@@ -82,6 +83,8 @@ def generator_main(
         _quiet_libraries()
         if isinstance(source, StreamSpec):
             torch.set_num_threads(source.threads or os.cpu_count() or 1)
+            if source.deterministic:
+                reproducible_blas()
         report = lambda on_gpu: buffer.set("on_gpu", int(on_gpu), index)  # noqa: E731
         for block in Loader(source.rows_graph(plan, buffer.fill_fraction, report)):
             if should_stop():
@@ -94,6 +97,25 @@ def generator_main(
     except BaseException:
         buffer.fail(traceback.format_exc(), index)
         sys.exit(1)
+
+
+MKL_CBWR_AUTO, MKL_CBWR_STRICT = 2, 0x10000  # mkl_cbwr.h
+
+
+def reproducible_blas() -> bool:
+    """Make MKL's GEMMs (every matmul of a CPU forward on x86) bitwise reproducible run to run.
+
+    By default MKL may change how many threads a GEMM uses at run time (``MKL_VERBOSE`` shows
+    ``Dyn:1``), and a GEMM's result depends on its thread count; Intel documents both as sources of
+    run-to-run differences. This turns dynamic threads off and selects strict conditional numerical
+    reproducibility, under which ``?gemm`` is bitwise reproducible whatever the thread count.
+    Returns False where torch has no MKL (nothing to do).
+    """
+    if not torch.backends.mkl.is_available():
+        return False
+    library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    library.MKL_Set_Dynamic(ctypes.c_int(0))
+    return library.mkl_serv_cbwr_set(ctypes.c_int(MKL_CBWR_AUTO | MKL_CBWR_STRICT)) == 0
 
 
 def _running(process: psutil.Process) -> bool:

@@ -111,3 +111,19 @@ def reference_pass(
     """(contexts, rows [n_ctx, ctx, 2, n_layers, d]) of the documented pass over ``texts``."""
     contexts = reference_contexts(model_dir, texts, context_length)
     return contexts, reference_rows(model_dir, contexts)
+
+
+def assert_exact_rows(seq, pos, acts, reference, context_length: int, rtol=1e-4, atol=1e-5) -> None:
+    """The rows of one whole pass, each exactly once: the sorted (context, position) keys equal every
+    position 1..context_length-1 of every reference context, and each row equals the reference's."""
+    contexts, rows = reference
+    keys = torch.sort(torch.as_tensor(seq) * context_length + torch.as_tensor(pos)).values
+    every = torch.arange(len(contexts) * context_length).view(len(contexts), context_length)[:, 1:]
+    assert torch.equal(keys, every.reshape(-1)), "lost or duplicated rows"
+    torch.testing.assert_close(torch.as_tensor(acts), rows[seq, pos], rtol=rtol, atol=atol)
+
+
+def assert_exact_batches(batches, reference, context_length: int, **tolerance) -> None:
+    """``assert_exact_rows`` over ``TokenBatch`` records."""
+    seq, pos, acts = (torch.cat([getattr(b, f) for b in batches]) for f in ("seq", "pos", "acts"))
+    assert_exact_rows(seq, pos, acts, reference, context_length, **tolerance)

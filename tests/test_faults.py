@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import reference_pass
+from conftest import assert_exact_batches, reference_pass
 from test_lifecycle import gone, shm_entries, wait_gone
 
 import actvpipe
@@ -123,16 +122,6 @@ def test_trainer_killed_at_50_random_moments_leaves_nothing(model_dir, cache_fil
     assert not [n for n in os.listdir("/dev/shm") if n.startswith("sem.mp")], "no named semaphore"
 
 
-def assert_exact_pass(batches, reference) -> None:
-    """Every row of the pass exactly once: the full key set, and each value against the reference."""
-    contexts, rows = reference
-    seq, pos, acts = (torch.cat([getattr(b, f) for b in batches]) for f in ("seq", "pos", "acts"))
-    keys = seq * CTX + pos
-    expected = torch.tensor([s * CTX + p for s in range(len(contexts)) for p in range(1, CTX)])
-    assert torch.equal(torch.sort(keys).values, expected), "lost or duplicated rows"
-    torch.testing.assert_close(acts, rows[seq, pos], rtol=1e-4, atol=1e-5)
-
-
 # (owner, attribute, when): the fault is raised before or after the real call runs.
 STEPS = [
     (PassRun, "check_alive", "before"),
@@ -199,8 +188,8 @@ def test_exception_inside_next_leaves_the_batch_undrawn(
     if scale is not None:  # compare raw rows: undo the served normalisation
         for batch in (*continued, *rest):
             batch.acts.div_(scale.scale)
-    assert_exact_pass(continued, reference)
-    assert_exact_pass(served + rest, reference)
+    assert_exact_batches(continued, reference, CTX)
+    assert_exact_batches(served + rest, reference, CTX)
 
 
 def test_close_takes_under_100_ms_in_the_middle_of_a_forward(model_dir, texts):

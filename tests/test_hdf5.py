@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import reference_pass
+from conftest import assert_exact_batches, reference_pass
 
 import actvpipe
 from actvpipe.hdf5 import Hdf5RowWriter
@@ -26,9 +26,14 @@ def docs(texts):
 
 
 @pytest.fixture(scope="module")
-def expected(model_dir, docs):
+def reference(model_dir, docs):
+    return reference_pass(model_dir, docs, CTX)
+
+
+@pytest.fixture(scope="module")
+def expected(reference):
     """Reference rows of the pass in generation order: context by context, positions 1..CTX-1."""
-    contexts, rows = reference_pass(model_dir, docs, CTX)
+    contexts, rows = reference
     return contexts, rows[:, 1:].reshape(-1, *rows.shape[2:])
 
 
@@ -141,7 +146,7 @@ def test_several_files_by_list_and_glob(tmp_path, model_dir, texts, expected):
 
 
 @pytest.mark.parametrize("midpoint", [5, 17])
-def test_from_hdf5_resume_is_exact(cache_file, expected, midpoint):
+def test_from_hdf5_resume_is_exact(cache_file, reference, midpoint):
     with actvpipe.from_hdf5(cache_file).buffer(400).batch(64, with_tokens=True) as loader:
         it = iter(loader)
         first = [next(it) for _ in range(midpoint)]
@@ -150,8 +155,7 @@ def test_from_hdf5_resume_is_exact(cache_file, expected, midpoint):
     fresh.load_state_dict(state)
     with fresh:
         rest = list(fresh)
-    keys = file_keys(first + rest)
-    assert len(keys) == len(expected[1]) and len(torch.unique(keys)) == len(keys)
+    assert_exact_batches(first + rest, reference, CTX)
     with pytest.raises(ValueError, match="buffer_size: saved 400, now 500"):
         actvpipe.from_hdf5(cache_file).buffer(500).batch(64).load_state_dict(state)
 

@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import resumed_run
+from conftest import assert_exact_rows, reference_pass, resumed_run
 
 import actvpipe
 
@@ -24,17 +24,28 @@ def disk_file(tmp_path_factory, model_dir, texts):
     return actvpipe.stream(model_dir, texts[6:12], context_length=CTX).to_hdf5(path, progress=False)
 
 
-def live_rows(model_dir, docs) -> int:
-    with actvpipe.stream(model_dir, docs, context_length=CTX).buffer(100_000).batch(10_000) as loader:
-        return sum(len(b) for b in loader)
+@pytest.fixture(scope="module")
+def live_reference(model_dir, live_docs):
+    return reference_pass(model_dir, live_docs, CTX)
+
+
+@pytest.fixture(scope="module")
+def disk_reference(model_dir, texts):
+    return reference_pass(model_dir, texts[6:12], CTX)
+
+
+def assert_each_source_exact(batches, live_reference, disk_reference) -> None:
+    """Every live row and every file row exactly once, each equal to its independent reference."""
+    source, seq, pos, acts = (
+        torch.cat([getattr(b, f) for b in batches]) for f in ("source", "seq", "pos", "acts")
+    )
+    for k, reference in enumerate((live_reference, disk_reference)):
+        mine = source == k
+        assert_exact_rows(seq[mine], pos[mine], acts[mine], reference, CTX)
 
 
 def disk_rows(path) -> int:
     return actvpipe.from_hdf5(path).spec.files[0].rows
-
-
-def keys(batches) -> torch.Tensor:
-    return torch.cat([(b.source * 10_000 + b.seq) * CTX + b.pos for b in batches])
 
 
 def mixed(model_dir, docs, disk_file, size=600, fraction=None, deterministic=False):
@@ -42,19 +53,11 @@ def mixed(model_dir, docs, disk_file, size=600, fraction=None, deterministic=Fal
     return stream.buffer(size, hdf5=disk_file, hdf5_fraction=fraction).batch(50, with_tokens=True)
 
 
-def test_every_live_and_every_file_row_once(model_dir, live_docs, disk_file):
+def test_every_live_and_every_file_row_once(model_dir, live_docs, disk_file, live_reference, disk_reference):
     with mixed(model_dir, live_docs, disk_file) as loader:
         batches = list(loader)
-    got = keys(batches)
-    assert len(torch.unique(got)) == len(got), "a row was served twice"
-    sources = torch.cat([b.source for b in batches])
-    assert (sources == 0).sum() == live_rows(model_dir, live_docs)
-    assert (sources == 1).sum() == disk_rows(disk_file)
-    assert (sources[:50] == 1).any(), "disk rows fill the buffer first"
-    from_disk = torch.cat([b.acts[b.source == 1] for b in batches]).double()
-    with actvpipe.from_hdf5(disk_file).buffer(100_000).batch(100_000) as loader:
-        file_rows = next(iter(loader)).double()
-    torch.testing.assert_close(from_disk.sum(0), file_rows.sum(0))
+    assert_each_source_exact(batches, live_reference, disk_reference)
+    assert (batches[0].source == 1).any(), "disk rows fill the buffer first"
 
 
 def test_hdf5_fraction_rations_disk_rows(model_dir, live_docs, disk_file):
@@ -73,7 +76,9 @@ def test_hdf5_fraction_rations_disk_rows(model_dir, live_docs, disk_file):
 
 
 @pytest.mark.parametrize("midpoint", [3, 40])
-def test_interleaved_resume_is_exact(model_dir, live_docs, disk_file, midpoint):
+def test_interleaved_resume_is_exact(
+    model_dir, live_docs, disk_file, live_reference, disk_reference, midpoint
+):
     with mixed(model_dir, live_docs, disk_file, fraction=0.3) as loader:
         it = iter(loader)
         first = [next(it) for _ in range(midpoint)]
@@ -83,9 +88,7 @@ def test_interleaved_resume_is_exact(model_dir, live_docs, disk_file, midpoint):
     fresh.load_state_dict(state)
     with fresh:
         rest = list(fresh)
-    got = keys(first + rest)
-    assert len(torch.unique(got)) == len(got)
-    assert len(got) == live_rows(model_dir, live_docs) + disk_rows(disk_file)
+    assert_each_source_exact(first + rest, live_reference, disk_reference)
 
 
 def test_interleaving_checks_its_inputs(tmp_path, model_dir, live_docs, disk_file):
@@ -106,7 +109,9 @@ def test_interleaving_checks_its_inputs(tmp_path, model_dir, live_docs, disk_fil
         )
 
 
-def test_deterministic_interleaving_replays_and_resumes_bitwise(model_dir, live_docs, disk_file):
+def test_deterministic_interleaving_replays_and_resumes_bitwise(
+    model_dir, live_docs, disk_file, live_reference, disk_reference
+):
     def loader():
         return mixed(model_dir, live_docs, disk_file, fraction=0.3, deterministic=True)
 
@@ -116,6 +121,4 @@ def test_deterministic_interleaving_replays_and_resumes_bitwise(model_dir, live_
     assert len(replay) == len(run)
     for a, b in zip(run, replay, strict=True):
         assert torch.equal(a.acts, b.acts) and torch.equal(a.source, b.source) and torch.equal(a.seq, b.seq)
-    sources = torch.cat([b.source for b in run])
-    assert (sources == 0).sum() == live_rows(model_dir, live_docs)
-    assert (sources == 1).sum() == disk_rows(disk_file)
+    assert_each_source_exact(run, live_reference, disk_reference)

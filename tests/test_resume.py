@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import reference_pass
+from conftest import assert_exact_batches, assert_exact_rows, reference_pass
 from test_lifecycle import shm_entries, wait_gone
 
 import actvpipe
@@ -42,14 +43,9 @@ def keys(batches) -> torch.Tensor:
 
 
 def assert_is_the_full_pass(batches, reference):
-    contexts, rows = reference
-    got = keys(batches)
-    assert len(got) == len(contexts) * (CTX - 1) and len(torch.unique(got)) == len(got), (
-        "lost or duplicated rows"
-    )
-    acts, seq, pos = (torch.cat([getattr(b, f) for b in batches]) for f in ("acts", "seq", "pos"))
-    torch.testing.assert_close(acts, rows[seq, pos], rtol=1e-4, atol=1e-5)
-    assert torch.equal(torch.cat([b.token_ids for b in batches]), contexts[seq, pos])
+    assert_exact_batches(batches, reference, CTX)
+    seq, pos = (torch.cat([getattr(b, f) for b in batches]) for f in ("seq", "pos"))
+    assert torch.equal(torch.cat([b.token_ids for b in batches]), reference[0][seq, pos])
 
 
 def save_mid_pass(loader, midpoint):
@@ -121,6 +117,57 @@ def test_deterministic_runs_are_bitwise_equal(model_dir, docs, reference):
         assert not torch.equal(next(iter(other_seed)).seq, runs[0][0].seq)
 
 
+UNDER_LOAD = """
+import pickle, sys, torch, actvpipe
+docs = torch.load(sys.argv[1])
+
+def loader():
+    args = {"context_length": 32, "generation_batch_size": 4, "deterministic": True}
+    stream = actvpipe.stream(sys.argv[2], docs, **args)
+    return stream.buffer(600).batch(100, with_tokens=True)
+
+with loader() as first:  # the first generator of this process is spawned, later ones forked
+    it = iter(first)
+    head = [next(it) for _ in range(12)]
+    state = pickle.loads(pickle.dumps(first.state_dict()))
+    rest = list(it)
+with loader() as again:
+    whole = list(again)
+resumed = loader()
+resumed.load_state_dict(state)
+with resumed:
+    tail = list(resumed)
+same = lambda a, b: len(a) == len(b) and all(
+    torch.equal(x.acts, y.acts) and torch.equal(x.seq, y.seq) for x, y in zip(a, b)
+)
+print("RESULT", same(head + rest, whole), same(rest, tail), flush=True)
+"""
+
+
+def test_deterministic_replay_and_resume_are_bitwise_under_load(model_dir, docs, tmp_path):
+    """With a CPU hog beside it, in a fresh process (a spawned generator first, then generators
+    forked from the fork server): replay and resume are bitwise, and every GEMM of the forward runs
+    in MKL's strict reproducible mode."""
+    docs_file = tmp_path / "docs.pt"
+    torch.save(docs, docs_file)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", UNDER_LOAD, str(docs_file), str(model_dir)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "MKL_VERBOSE": "1"},
+        )
+    finally:
+        hog.kill()
+    assert out.returncode == 0, out.stderr
+    assert "RESULT True True" in out.stdout
+    if torch.backends.mkl.is_available():
+        gemms = [line for line in out.stdout.splitlines() if "GEMM" in line]
+        assert gemms and all("CNR:AUTO,STRICT" in line for line in gemms), gemms[:3]
+
+
 def test_restoring_into_a_loader_with_other_arguments_lists_each_difference(model_dir, docs):
     with make_loader(model_dir, docs) as loader:
         _, _, state = save_mid_pass(loader, 2)
@@ -159,14 +206,14 @@ loader = stream.buffer(cfg["buf"]).batch(cfg["b"], with_tokens=True)
 SAVE_THEN_DIE = """
 it = iter(loader)
 served = [next(it) for _ in range(cfg["midpoint"])]
-keys = [b.seq * cfg["ctx"] + b.pos for b in served]
-torch.save({"state": loader.state_dict(), "keys": keys, "pid": os.getpid()}, sys.argv[4])
+rows = [(b.seq, b.pos, b.acts) for b in served]
+torch.save({"state": loader.state_dict(), "rows": rows, "pid": os.getpid()}, sys.argv[4])
 os.kill(os.getpid(), signal.SIGKILL)
 """
 RESUME = """
 loader.load_state_dict(torch.load(sys.argv[4])["state"])
 with loader:
-    torch.save([b.seq * cfg["ctx"] + b.pos for b in loader], sys.argv[5])
+    torch.save([(b.seq, b.pos, b.acts) for b in loader], sys.argv[5])
 """
 
 
@@ -182,9 +229,9 @@ def test_sigkill_right_after_saving_then_resume_in_a_new_process(model_dir, docs
     saved = torch.load(state_file)
     resumed = subprocess.run([sys.executable, "-c", COMMON + RESUME, *args], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    served = torch.cat([*saved["keys"], *torch.load(rest_file)])
-    expected = len(reference[0]) * (CTX - 1)
-    assert len(served) == expected and len(torch.unique(served)) == expected
+    rows = saved["rows"] + torch.load(rest_file)
+    seq, pos, acts = (torch.cat([r[i] for r in rows]) for i in range(3))
+    assert_exact_rows(seq, pos, acts, reference, CTX)
     assert wait_gone(saved["pid"]) and wait_for(lambda: not shm_entries(saved["pid"]))
 
 

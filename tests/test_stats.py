@@ -10,7 +10,7 @@ import sys
 import h5py
 import pytest
 import torch
-from conftest import reference_pass, resumed_run
+from conftest import assert_exact_batches, reference_pass, resumed_run
 
 import actvpipe
 from actvpipe.stats import ActivationStats, Welford
@@ -19,9 +19,13 @@ CTX = 32
 
 
 @pytest.fixture(scope="module")
-def pass_rows(model_dir, texts):
-    _, rows = reference_pass(model_dir, texts[:4], CTX)
-    return rows[:, 1:].reshape(-1, 2, 4, 64).double()
+def reference(model_dir, texts):
+    return reference_pass(model_dir, texts[:4], CTX)
+
+
+@pytest.fixture(scope="module")
+def pass_rows(reference):
+    return reference[1][:, 1:].reshape(-1, 2, 4, 64).double()
 
 
 def direct(rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -51,7 +55,7 @@ def test_stream_stats_over_the_first_rows(model_dir, texts, pass_rows):
 
 
 @pytest.mark.parametrize("kind", ["sqrt_d", "standardize"])
-def test_normalised_serving_and_exact_resume(model_dir, texts, pass_rows, kind):
+def test_normalised_serving_and_exact_resume(model_dir, texts, reference, pass_rows, kind):
     stats = direct(pass_rows[:300])
 
     def loader():
@@ -61,16 +65,14 @@ def test_normalised_serving_and_exact_resume(model_dir, texts, pass_rows, kind):
     batches, state = resumed_run(loader, 2)
     assert state["root"]["normalization"]["kind"] == kind
     assert_stats(loader().stats(), pass_rows[:300])  # computed without starting anything
-    acts = torch.cat([b.acts for b in batches]).double()
-    raw = pass_rows[torch.cat([b.seq * (CTX - 1) + b.pos - 1 for b in batches])]
-    assert len(acts) == len(pass_rows)
+    contexts, rows = reference
     if kind == "sqrt_d":
-        expected = raw * (math.sqrt(64) / stats["mean_norm"])[..., None]
-        norms = acts.norm(dim=-1)[: len(pass_rows)]
+        normalised = rows.double() * (math.sqrt(64) / stats["mean_norm"])[..., None]
+        norms = torch.cat([b.acts for b in batches]).norm(dim=-1)
         assert abs(float(norms.mean()) - 8.0) < 1.0
     else:
-        expected = (raw - stats["mean"]) / stats["std"]
-    torch.testing.assert_close(acts, expected, rtol=1e-3, atol=1e-3)
+        normalised = (rows.double() - stats["mean"]) / stats["std"]
+    assert_exact_batches(batches, (contexts, normalised.float()), CTX, rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="normalize"):
         actvpipe.stream(model_dir, texts[:4], context_length=CTX).buffer(100, normalize="l2")
 
