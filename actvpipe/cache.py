@@ -13,7 +13,7 @@ from torchdata.nodes import Loader
 from tqdm import tqdm
 
 from actvpipe.capture import describe_capture
-from actvpipe.hdf5 import Hdf5RowWriter, dtype_name, from_storage, storage_dtype
+from actvpipe.hdf5 import Hdf5Rows, Hdf5RowWriter, dtype_name, from_storage, storage_dtype
 from actvpipe.records import RowBlock
 from actvpipe.resume import ResumePlan
 from actvpipe.spec import Hdf5Spec, StreamSpec
@@ -53,16 +53,21 @@ def pass_blocks(spec: StreamSpec | Hdf5Spec, max_rows: int | None = None) -> Ite
     """``(block, rows to use)`` of the pass in generation order, computed or read in this process,
     stopping after ``max_rows`` rows."""
     used = 0
-    for block in Loader(spec.rows_graph(ResumePlan.fresh())):
-        if block.rows is None:  # read from a file: materialise it
-            array = np.empty((len(block), *spec.row_shape), storage_dtype(spec.dtype))
-            block.read_into(array.view(np.uint8), 0, len(block))
-            block.rows = from_storage(array, spec.dtype)
-        take = len(block) if max_rows is None else min(len(block), max_rows - used)
-        yield block, take
-        used += take
-        if used == max_rows:
-            return
+    graph = spec.rows_graph(ResumePlan.fresh())
+    try:
+        for block in Loader(graph):
+            if block.rows is None:  # read from a file: materialise it
+                array = np.empty((len(block), *spec.row_shape), storage_dtype(spec.dtype))
+                block.read_into(array.view(np.uint8), 0, len(block))
+                block.rows = from_storage(array, spec.dtype)
+            take = len(block) if max_rows is None else min(len(block), max_rows - used)
+            yield block, take
+            used += take
+            if used == max_rows:
+                return
+    finally:
+        if isinstance(graph, Hdf5Rows):
+            graph.close()  # a pass stopped early leaves no file open in this process
 
 
 def compute_stats(spec: StreamSpec | Hdf5Spec, rows: int) -> ActivationStats:

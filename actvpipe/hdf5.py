@@ -255,9 +255,12 @@ class Hdf5Rows(BaseNode[RowBlock]):
         self.frontier = frontier
         self.row_bytes = int(np.prod(self.files[0].row_shape)) * storage_dtype(self.files[0].dtype).itemsize
         self.read_rows = max(1, READ_BYTES // self.row_bytes)
+        self._handles: list[h5py.File] = []
+        self._fds: list[int] = []
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
+        self.close()
         self._handles = [h5py.File(f.path, "r") for f in self.files]
         self._fds = [os.open(f.path, os.O_RDONLY) for f in self.files]
         self._chunks = [_chunk_table(h["activations"]) for h in self._handles]
@@ -309,8 +312,20 @@ class Hdf5Rows(BaseNode[RowBlock]):
                 raise OSError(f"hdf5: short read from {self.files[i].path!r}; the file changed while reading")
             row = end
 
+    def close(self) -> None:
+        """Close the files (at the end of the pass, or when the reader is abandoned)."""
+        for handle in self._handles:
+            handle.close()
+        for fd in self._fds:
+            os.close(fd)
+        self._handles, self._fds = [], []
+
     def next(self) -> RowBlock:
-        start, stop = next(self._ranges)
+        try:
+            start, stop = next(self._ranges)
+        except StopIteration:
+            self.close()
+            raise
         i = int(np.searchsorted(self.starts, start, side="right")) - 1
         a, b = start - int(self.starts[i]), stop - int(self.starts[i])
         f, n = self._handles[i], stop - start

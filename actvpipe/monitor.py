@@ -156,15 +156,19 @@ class Monitor:
             self._stdout = sys.stdout
             self._proxy = sys.stdout = DummyTqdmFile(sys.stdout)
 
-    def close(self) -> None:
-        """Flush the last values and put stdout back."""
+    def end_pass(self) -> None:
+        """Flush the last values, remove the status line and put stdout back (iteration ended)."""
         self.refresh()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
         if self._bar is not None:
             if sys.stdout is self._proxy:
                 sys.stdout = self._stdout
             self._bar.close()
             self._bar = self._proxy = None
+
+    def close(self) -> None:
+        """``end_pass``, then close the TensorBoard writer."""
+        self.end_pass()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         self._run = None

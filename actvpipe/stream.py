@@ -325,15 +325,17 @@ class ActivationLoader:
 
     def _monitored(self, batches: Iterator) -> Iterator[torch.Tensor | TokenBatch]:
         """Time each wait for a batch and let the monitor sample the counters."""
-        while True:
-            start = time.perf_counter()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                self._monitor.refresh()
-                return
-            self._monitor.after_batch(self._node.run, len(batch), time.perf_counter() - start)
-            yield batch
+        try:
+            while True:
+                start = time.perf_counter()
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                self._monitor.after_batch(self._node.run, len(batch), time.perf_counter() - start)
+                yield batch
+        finally:
+            self._monitor.end_pass()  # stdout is the user's again once iteration ends, however it ends
 
     def state_dict(self) -> dict[str, Any]:
         """Plain picklable state of the latest iterator: a few integers and 4-8 bytes per buffered row."""

@@ -56,10 +56,9 @@ def test_fixed_device_never_moves(model_dir):
     assert placement.update() == torch.device("cpu") and not placement.on_gpu
 
 
-def test_auto_without_cuda_runs_on_the_cpu(model_dir, texts):
-    if torch.cuda.is_available():
-        pytest.skip("checks the fallback without CUDA")
-    assert actvpipe.stream(model_dir, texts[:2], context_length=CTX, device="auto").spec.device == "cpu"
+def test_auto_is_adaptive_with_cuda_and_the_cpu_without(model_dir, texts):
+    device = actvpipe.stream(model_dir, texts[:2], context_length=CTX, device="auto").spec.device
+    assert device == ("auto" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.parametrize(

@@ -293,3 +293,29 @@ def test_ctrl_c_exits_cleanly(model_dir, texts):
     assert "KeyboardInterrupt" in err and "GeneratorError" not in err, err
     assert wait_gone(child, timeout=10)
     assert not shm_entries(parent)
+
+
+def open_files() -> set[str]:
+    return {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+
+
+def test_training_process_keeps_its_threads_stdout_and_files(tmp_path, model_dir, texts):
+    """Statistics, caching and serving change no process-wide setting of the training process and
+    leave no file open, even when a pass over a file stops early."""
+    threads, stdout = torch.get_num_threads(), sys.stdout
+    torch.set_num_threads(1 if threads > 1 else 2)
+    chosen = torch.get_num_threads()
+    try:
+        stream = actvpipe.stream(model_dir, texts[:6], context_length=32)
+        path = stream.to_hdf5(tmp_path / "a.h5", progress=False)
+        stream.stats(rows=200)
+        actvpipe.from_hdf5(path).stats(rows=100)  # stops early
+        loader = actvpipe.from_hdf5(path).buffer(1000, progress=True, refresh_interval=0.01).batch(50)
+        with loader:
+            for _ in loader:
+                assert torch.get_num_threads() == chosen
+            assert sys.stdout is stdout, "stdout is the user's again when iteration ends"
+        assert torch.get_num_threads() == chosen
+        assert str(path) not in open_files(), "the cache file is closed"
+    finally:
+        torch.set_num_threads(threads)
