@@ -13,7 +13,7 @@ from torchdata.nodes import Loader
 from tqdm import tqdm
 
 from actvpipe.capture import describe_capture
-from actvpipe.hdf5 import Hdf5Rows, Hdf5RowWriter, dtype_name, from_storage, storage_dtype
+from actvpipe.hdf5 import Hdf5Rows, Hdf5RowWriter, from_storage, storage_dtype
 from actvpipe.records import RowBlock
 from actvpipe.resume import ResumePlan
 from actvpipe.spec import Hdf5Spec, StreamSpec
@@ -26,25 +26,17 @@ PACKING_DESCRIPTIONS = {
 
 
 def cache_attrs(spec: StreamSpec) -> dict:
-    """What the file records about how its rows were made."""
+    """What the file records about how its rows were made: the stream's options (``StreamSpec``
+    fields recorded in files), with capture points and packing spelled out."""
     from actvpipe import __version__
 
-    tokenizer = (
-        spec.model.tokenizer if isinstance(spec.model.tokenizer, str) else type(spec.model.tokenizer).__name__
-    )
+    tokenizer = spec.model.tokenizer
     return {
-        "model": spec.model.name,
-        "config_hash": spec.model.config_hash,
-        "tokenizer": tokenizer,
-        "dataset": spec.dataset.describe(),
-        "layers": list(spec.layers),
+        **{k: v for k, v in spec.options("file").items() if v is not None},
         "capture": describe_capture(spec.capture),
-        "d_model": spec.d_model,
-        "context_length": spec.context_length,
         "packing": PACKING_DESCRIPTIONS[spec.packing],
-        "exclude_tokens": list(spec.exclude_tokens),
-        "exclude_bos": spec.exclude_bos,
-        "model_dtype": dtype_name(spec.compute_dtype),
+        "config_hash": spec.model.config_hash,
+        "tokenizer": tokenizer if isinstance(tokenizer, str) else type(tokenizer).__name__,
         "actvpipe_version": __version__,
     }
 

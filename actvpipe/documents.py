@@ -29,6 +29,11 @@ class DatasetSource:
     text_column: str
 
     def describe(self) -> str:
+        """The data, and its column unless it is ``text``."""
+        column = "" if self.text_column == "text" else f" (column {self.text_column!r})"
+        return self._data() + column
+
+    def _data(self) -> str:
         if self.kind == "hub":
             return str(self.value)
         if self.kind == "files":

@@ -192,9 +192,7 @@ class Ledger:
         if unused <= 0:
             return
         fence()
-        implicit, base = self.buffer.get("implicit", k), self.buffer.get("base", k)
-        at = claimed + np.arange(unused)
-        slots = np.where(at < implicit, at + base, self.buffer.free_rings[k][at % self.buffer.size])
+        slots = self.buffer.free_slots(k, claimed, unused)
         self.pool[c.pool : c.pool + unused] = slots
         self._commit(pool=c.pool + unused, granted=_with(c.granted, k, claimed))
 

@@ -32,6 +32,9 @@ class ModelSource:
             return self.ref
         return getattr(self.ref.config, "_name_or_path", "") or type(self.ref).__name__
 
+    def describe(self) -> str:
+        return self.name
+
 
 def resolve_model(model: Any, tokenizer: Any = None) -> tuple[ModelSource, PretrainedConfig]:
     """Check the model and tokenizer exist and load only their configs (cheap), before any work."""

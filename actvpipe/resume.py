@@ -21,7 +21,7 @@ from torchdata.nodes import BaseNode
 from actvpipe.records import ContextBlock, RowBlock
 from actvpipe.text import PackedContexts
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
 @dataclass(frozen=True)

@@ -193,11 +193,7 @@ class SharedRowBuffer:
         fence()
         n = min(k, self.get("granted", source) - claimed)
         fence()
-        at = claimed + np.arange(max(n, 0), dtype=np.int64)
-        implicit = self.get("implicit", source)  # ring positions below it hold base + position
-        slots = np.where(
-            at < implicit, at + self.get("base", source), self.free_rings[source][at % self.size]
-        )
+        slots = self.free_slots(source, claimed, max(n, 0))
         self._paused()
         fence()
         self.set("claimed", claimed + len(slots), source)
@@ -288,6 +284,13 @@ class SharedRowBuffer:
                     self._errors[at : at + self.get("error_len", source)].tobytes().decode(errors="replace")
                 )
         return None
+
+    def free_slots(self, source: int, start: int, n: int) -> np.ndarray:
+        """Entries ``start:start+n`` of the source's free ring. Positions below ``implicit`` were
+        handed out when the buffer was made, without being written: they hold ``base + position``."""
+        at = start + np.arange(n, dtype=np.int64)
+        ring = self.free_rings[source][at % self.size]
+        return np.where(at < self.get("implicit", source), at + self.get("base", source), ring)
 
     def written_slots(self, source: int, start: int, n: int) -> np.ndarray:
         """Entries ``start:start+n`` of the source's FIFO (the caller checked ``written``)."""

@@ -6,7 +6,7 @@ node graph inside the generator process (``rows_graph``) and describe themselves
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -16,10 +16,17 @@ from actvpipe.models import ModelSource
 from actvpipe.pipeline import build_rows_graph
 from actvpipe.placement import DEFAULT_WATERMARKS
 
+# Field metadata: ``restore=False`` marks options a saved state may change (they decide where and how
+# fast rows are computed, never which rows or their values); ``file=False`` options not recorded in
+# the HDF5 files the stream writes.
+RUNTIME = {"restore": False, "file": False}
+PASS_ONLY = {"file": False}
+
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """Everything the generator needs, resolved and validated in the training process."""
+    """Everything the generator needs, resolved and validated in the training process. Each option
+    is declared once, here: the resume fingerprint and the cache files' attributes derive from it."""
 
     model: ModelSource
     dataset: DatasetSource
@@ -27,20 +34,20 @@ class StreamSpec:
     layers: tuple[int, ...]
     capture: tuple[str, str]
     modules: tuple[str, str] | None
-    d_model: int
-    generation_batch_size: int
-    dtype: torch.dtype
-    device: str
-    seed: int
-    exclude_bos: bool
-    deterministic: bool = False
-    threads: int | None = None
+    d_model: int = field(metadata={"restore": False})  # read from the model, not an option
+    generation_batch_size: int = field(metadata=PASS_ONLY)
+    dtype: torch.dtype = field(metadata=PASS_ONLY)  # the buffer's; a file records its own
+    device: str = field(metadata=RUNTIME)
+    seed: int = field(metadata=PASS_ONLY)
+    exclude_bos: bool = True
+    deterministic: bool = field(default=False, metadata=PASS_ONLY)
+    threads: int | None = field(default=None, metadata=RUNTIME)
     model_dtype: torch.dtype | None = None  # None: the buffer's dtype
     exclude_tokens: tuple[int, ...] = ()
     packing: str = "concat"
-    rank: int = 0
-    world_size: int = 1
-    watermarks: tuple[float, float] = DEFAULT_WATERMARKS
+    rank: int = field(default=0, metadata=PASS_ONLY)
+    world_size: int = field(default=1, metadata=PASS_ONLY)
+    watermarks: tuple[float, float] = field(default=DEFAULT_WATERMARKS, metadata=RUNTIME)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -60,27 +67,29 @@ class StreamSpec:
         ``fill`` and ``report`` connect the device policy to the buffer (see ``Placement``)."""
         return build_rows_graph(self, plan, fill, report)
 
+    def options(self, purpose: str) -> dict[str, object]:
+        """The options that matter for ``purpose`` ("restore" or "file"), as plain values."""
+        out = {}
+        for option in fields(self):
+            if option.metadata.get(purpose, True):
+                value = self.compute_dtype if option.name == "model_dtype" else getattr(self, option.name)
+                out[option.name] = plain(value)
+        return out
+
     def fingerprint(self) -> dict[str, object]:
-        """The arguments a saved state must match to be restored."""
-        return {
-            "model": self.model.name,
-            "dataset": self.dataset.describe(),
-            "text_column": self.dataset.text_column,
-            "context_length": self.context_length,
-            "layers": list(self.layers),
-            "capture": list(self.capture),
-            "modules": None if self.modules is None else list(self.modules),
-            "generation_batch_size": self.generation_batch_size,
-            "dtype": str(self.dtype),
-            "model_dtype": str(self.compute_dtype),
-            "seed": self.seed,
-            "exclude_bos": self.exclude_bos,
-            "exclude_tokens": list(self.exclude_tokens),
-            "packing": self.packing,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "deterministic": self.deterministic,
-        }
+        """The options a saved state must match to be restored."""
+        return self.options("restore")
+
+
+def plain(value: object) -> object:
+    """An option as a value that pickles, compares and prints plainly (and fits an HDF5 attribute)."""
+    if isinstance(value, (ModelSource, DatasetSource)):
+        return value.describe()
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, tuple):
+        return [plain(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)

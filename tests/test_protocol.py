@@ -20,9 +20,8 @@ def locations(buffer: SharedRowBuffer, ledger: Ledger, held: list[list[int]]) ->
     c = ledger.counts
     out = [*ledger.pool[: c.pool].tolist(), *range(c.fresh, buffer.size)]
     for k in range(buffer.n_sources):
-        claimed, implicit, base = (buffer.get(f, k) for f in ("claimed", "implicit", "base"))
-        for at in range(claimed, c.granted[k]):
-            out.append(at + base if at < implicit else int(buffer.free_rings[k][at % buffer.size]))
+        claimed = buffer.get("claimed", k)
+        out += buffer.free_slots(k, claimed, c.granted[k] - claimed).tolist()
         out += held[k]
         out += buffer.fifos[k][np.arange(c.published[k], buffer.get("written", k)) % buffer.size].tolist()
     return out + buffer.full[: c.n_full].tolist()
@@ -136,3 +135,17 @@ def test_disk_rows_fill_the_buffer_first():
 def test_one_source_publishes_everything_or_exactly_the_warmup_gap():
     assert Mixing(100, 50).decide(Observed(10, (70,), (False,), (0,))).allowances == (100,)
     assert Mixing(100, 50, deterministic=True).decide(Observed(10, (70,), (False,), (0,))).allowances == (40,)
+
+
+def test_the_serving_benchmark_drives_the_real_path():
+    """benchmarks/serving.py times draw -> gather -> remove -> grant -> refill -> publish; it keeps
+    every slot in exactly one place, so its numbers are for the path the loader runs."""
+    from benchmarks.serving import full_buffer, seconds_per_batch
+
+    buffer, ledger = full_buffer(SIZE * 8, (1, 1, 2))
+    try:
+        assert seconds_per_batch(buffer, ledger, 10, 0.05, reuse=True) > 0
+        assert sorted(locations(buffer, ledger, [[]])) == list(range(SIZE * 8))
+        assert ledger.fill() == SIZE * 8
+    finally:
+        buffer.unlink()
