@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from actvpipe.fingerprint import documents_digest, files_digest
+
 BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
 OFFLINE_HINT = (
     "Without network access pass a local json/jsonl/txt/parquet file or directory, a datasets.Dataset, "
@@ -27,6 +29,7 @@ class DatasetSource:
     kind: str  # "hub" | "files" | "object"
     value: Any  # hub id | (builder, paths) | datasets.Dataset / IterableDataset / list of str
     text_column: str
+    content: dict[str, str] | str = ""  # see ``fingerprint``; filled in by ``resolve_dataset``
 
     def describe(self) -> str:
         """The data, and its column unless it is ``text``."""
@@ -64,7 +67,19 @@ def resolve_dataset(dataset: Any, text_column: str = "text") -> DatasetSource:
             f"strings, got {type(dataset).__name__}"
         )
     column = _check_first_document(source)
-    return source if column == source.text_column else dataclasses.replace(source, text_column=column)
+    return dataclasses.replace(source, text_column=column, content=_content(source))
+
+
+def _content(source: DatasetSource) -> dict[str, str] | str:
+    """What identifies the data: its files' digests, a hash of a list's documents, ``datasets``'
+    own fingerprint of an in-memory dataset, or the hub id (a hub dataset is read as published)."""
+    if source.kind == "files":
+        return files_digest(source.value[1])
+    if isinstance(source.value, list):
+        return documents_digest(source.value)
+    if source.kind == "object":
+        return str(getattr(source.value, "_fingerprint", "") or "")
+    return str(source.value)
 
 
 def _resolve_path_or_hub(name: str, text_column: str) -> DatasetSource:

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from actvpipe.fingerprint import model_files_digest, parameters_digest
+
 OFFLINE_HINT = (
     "Without network access use actvpipe.demo_stream() (a bundled tiny GPT-2-architecture model) "
     "or pass a local directory written by save_pretrained()"
@@ -25,6 +27,7 @@ class ModelSource:
     ref: str | PreTrainedModel
     tokenizer: Any  # hub id or directory (loaded in the generator), or a tokenizer object
     config_hash: str = ""
+    content: dict[str, str] | str = ""  # see ``fingerprint``: weight files, or the parameters' hash
 
     @property
     def name(self) -> str:
@@ -60,7 +63,17 @@ def resolve_model(model: Any, tokenizer: Any = None) -> tuple[ModelSource, Pretr
         tokenizer = os.fspath(tokenizer)
         load_tokenizer(tokenizer)
     config_hash = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
-    return ModelSource(ref, tokenizer, config_hash), config
+    return ModelSource(ref, tokenizer, config_hash, _content(ref, config_hash)), config
+
+
+def _content(ref: str | PreTrainedModel, config_hash: str) -> dict[str, str] | str:
+    """What identifies the weights: a directory's config and weight files, a loaded model's
+    parameters, a hub model's config (its files are only known once downloaded)."""
+    if isinstance(ref, PreTrainedModel):
+        return parameters_digest(ref)
+    if Path(ref).expanduser().is_dir():
+        return model_files_digest(Path(ref).expanduser())
+    return config_hash
 
 
 def _load_config(ref: str) -> PretrainedConfig:

@@ -140,15 +140,25 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """A state restores only into a loader built with the same arguments; say what differs."""
     saved = {"state_version": saved.get("state_version"), **saved}
     current = {"state_version": STATE_VERSION, **current}
-    keys = sorted(set(saved) | set(current))
-    diffs = [
-        f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)
-    ]
+    diffs = _differences(saved, current, "")
     if diffs:
         raise ValueError(
             "load_state_dict: the state was saved by a loader with different arguments; build the loader "
             "with the saved values to restore it:\n  " + "\n  ".join(diffs)
         )
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str) -> list[str]:
+    """One line per differing key; nested dicts (file digests) name the entry that differs."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}[")
+        elif a != b:
+            name = f"{prefix}{key!r}]" if prefix.endswith("[") else key
+            out.append(f"{name}: saved {a!r}, now {b!r}")
+    return out
 
 
 def order_slots(slots: np.ndarray, slot_ids: np.ndarray, order: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from actvpipe.documents import DatasetSource
+from actvpipe.fingerprint import files_digest
 from actvpipe.hdf5 import Hdf5File, Hdf5Rows
 from actvpipe.models import ModelSource
 from actvpipe.pipeline import build_rows_graph
@@ -77,8 +78,10 @@ class StreamSpec:
         return out
 
     def fingerprint(self) -> dict[str, object]:
-        """The options a saved state must match to be restored."""
-        return self.options("restore")
+        """The options a saved state must match to be restored, and the content of the model and the
+        data (a state restored onto changed data or weights would regenerate other rows)."""
+        content = {"model_content": self.model.content, "dataset_content": self.dataset.content}
+        return {**self.options("restore"), **content}
 
 
 def plain(value: object) -> object:
@@ -122,6 +125,7 @@ class Hdf5Spec:
     def fingerprint(self) -> dict[str, object]:
         return {
             "files": [[f.path, f.rows] for f in self.files],
+            "files_content": files_digest(f.path for f in self.files),
             "dtype": str(self.dtype),
             "seed": self.seed,
             "deterministic": self.deterministic,

@@ -4,8 +4,9 @@ Usage: ``python kill_trainers.py TRIALS SEED MODEL_DIR H5_FILE``. This process s
 (by running one loader), then forks each trainer from itself, so every trainer forks its generators
 from that server in milliseconds, as a real trainer's later generators do. Each trainer streams
 pass after pass (live model or HDF5 reader, alternating) and is killed after a random delay
-covering start-up, the first fill and steady serving. Per trial one JSON line: whether its
-generators had exited and its shared block was gone within 10 s. Last line: the fork server's PID.
+covering start-up, the first fill and steady serving. Each trainer has its own resource tracker,
+as a real one has. Per trial one JSON line: whether its generators had exited and its shared block
+was gone within 10 s. Last line: the fork server's PID.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import random
 import signal
 import sys
 import time
+from multiprocessing import resource_tracker
 
 import psutil
 
@@ -32,7 +34,17 @@ def make_loader(kind: str, model_dir: str, h5: str):
     return actvpipe.from_hdf5(h5).buffer(1000).batch(100)
 
 
+def own_resource_tracker() -> None:
+    """Forget the resource tracker inherited from this script, so that the trainer starts its own, as
+    any training process does (a tracker removes what its process registered when it dies)."""
+    tracker = resource_tracker.ResourceTracker()
+    resource_tracker._resource_tracker = tracker
+    for name in ("ensure_running", "register", "unregister", "getfd"):
+        setattr(resource_tracker, name, getattr(tracker, name))
+
+
 def trainer(kind: str, model_dir: str, h5: str) -> None:
+    own_resource_tracker()
     with make_loader(kind, model_dir, h5) as loader:
         while True:
             for _ in loader:

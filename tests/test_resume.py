@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -195,6 +196,31 @@ def test_restoring_with_another_dataset_or_model_says_what_differs(model_dir, do
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"model: saved"):
         make_loader(tmp_path, docs).load_state_dict(state)
+
+
+def test_restoring_after_the_data_or_the_weights_changed_names_what_changed(model_dir, docs, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    data, weights = tmp_path / "docs.jsonl", tmp_path / "model"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    model = AutoModel.from_pretrained(model_dir)
+    model.save_pretrained(weights)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(weights)
+    with make_loader(weights, str(data)) as loader:
+        _, _, state = save_mid_pass(loader, 2)
+    make_loader(weights, str(data)).load_state_dict(state)  # unchanged: restores
+
+    data.write_text(data.read_text().replace(docs[3][:20], docs[3][:20].upper()))
+    with pytest.raises(ValueError, match=rf"dataset_content\[{re.escape(repr(str(data)))}\]: saved"):
+        make_loader(weights, str(data)).load_state_dict(state)
+
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    with torch.no_grad():
+        model.h[0].mlp.c_fc.weight.mul_(1.01)
+    model.save_pretrained(weights)
+    with pytest.raises(ValueError, match=r"model_content\['model.safetensors'\]: saved") as info:
+        make_loader(weights, str(data)).load_state_dict(state)
+    assert "dataset_content" in str(info.value), "rewriting a file changes its modification time"
 
 
 COMMON = """
