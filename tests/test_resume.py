@@ -223,6 +223,25 @@ def test_restoring_after_the_data_or_the_weights_changed_names_what_changed(mode
     assert "dataset_content" in str(info.value), "rewriting a file changes its modification time"
 
 
+def test_a_loaded_model_is_fingerprinted_by_its_parameters(model_dir, docs):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir)
+
+    def fingerprint():
+        return actvpipe.stream(model, docs, tokenizer=str(model_dir), context_length=CTX).spec.fingerprint()
+
+    before = fingerprint()
+    assert fingerprint() == before
+    with torch.no_grad():
+        model.h[2].mlp.c_proj.weight.mul_(1.01)
+    after = fingerprint()
+    assert after["model_content"] != before["model_content"]
+    assert {k: v for k, v in after.items() if k != "model_content"} == {
+        k: v for k, v in before.items() if k != "model_content"
+    }
+
+
 COMMON = """
 import json, os, signal, sys, torch, actvpipe
 docs, cfg = torch.load(sys.argv[1]), json.loads(sys.argv[3])
