@@ -43,11 +43,15 @@ class PassRun:
         self._restore_counts = [len(plan.buffered) for plan in plans]
         # While restoring, each source gets exactly its saved rows' slots, so none can take another's.
         caps = self._restore_counts if restore is not None else mixing.initial_caps(tuple(published))
-        self.ledger = Ledger(self.buffer, list(caps), list(frontiers), list(published), batches, restore)
-        for k, plan in enumerate(plans):  # where each source starts, for a state saved before it writes
-            for field, value in zip(NEXT_BLOCK, plan.blocks[-1], strict=True):
-                self.buffer.set(field, int(value), k)
-        self.generators = GeneratorRun(sources, self.buffer, plans)
+        try:
+            self.ledger = Ledger(self.buffer, list(caps), list(frontiers), list(published), batches, restore)
+            for k, plan in enumerate(plans):  # where each source starts, for a state saved before it writes
+                for field, value in zip(NEXT_BLOCK, plan.blocks[-1], strict=True):
+                    self.buffer.set(field, int(value), k)
+            self.generators = GeneratorRun(sources, self.buffer, plans)  # from here on it owns the block
+        except BaseException:
+            self.buffer.unlink()
+            raise
         self.used = False
 
     def check_alive(self) -> None:
