@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import pickle
+import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from actvpipe.demo import cache_dir
 from actvpipe.fingerprint import documents_digest, files_digest
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
@@ -30,11 +33,12 @@ class DatasetSource:
     value: Any  # hub id | (builder, paths) | datasets.Dataset / IterableDataset / list of str
     text_column: str
     content: dict[str, str] | str = ""  # see ``fingerprint``; filled in by ``resolve_dataset``
+    label: str = ""  # what the user passed, when ``value`` is a memory-mapped copy of it
 
     def describe(self) -> str:
         """The data, and its column unless it is ``text``."""
         column = "" if self.text_column == "text" else f" (column {self.text_column!r})"
-        return self._data() + column
+        return (self.label or self._data()) + column
 
     def _data(self) -> str:
         if self.kind == "hub":
@@ -67,7 +71,68 @@ def resolve_dataset(dataset: Any, text_column: str = "text") -> DatasetSource:
             f"strings, got {type(dataset).__name__}"
         )
     column = _check_first_document(source)
-    return dataclasses.replace(source, text_column=column, content=_content(source))
+    return _memory_mapped(dataclasses.replace(source, text_column=column, content=_content(source)))
+
+
+SMALL_LIST_BYTES = 4 << 20  # a list of documents up to this size is sent to each generator as it is
+
+
+def _memory_mapped(source: DatasetSource) -> DatasetSource:
+    """In-memory data that would be costly to pickle into every generator (a ``datasets.Dataset``
+    without cache files, a list of documents over 4 MiB), written once to Arrow files under the
+    actvpipe cache and memory-mapped: a start then sends file references, whatever the size."""
+    data = source.value
+    if source.kind != "object" or (isinstance(data, list) and _list_bytes(data) <= SMALL_LIST_BYTES):
+        return source
+    import datasets
+
+    if isinstance(data, datasets.IterableDataset):
+        pickled = PickledData.of(data)
+        content = source.content or Path(pickled.path).stem  # its pickle's hash, lacking a fingerprint
+        return dataclasses.replace(source, value=pickled, label=source._data(), content=content)
+    if isinstance(data, list):
+        key, data = source.content, datasets.Dataset.from_dict({source.text_column: data})
+    elif isinstance(data, datasets.Dataset) and not data.cache_files:
+        key = data._fingerprint
+    else:
+        return source  # memory-mapped already
+    target = cache_dir() / "datasets" / str(key)
+    if not (target / "dataset_info.json").is_file():
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        data.save_to_disk(str(partial))
+        try:
+            os.replace(partial, target)
+        except OSError:  # another process wrote it first
+            shutil.rmtree(partial, ignore_errors=True)
+    mapped = datasets.load_from_disk(str(target))
+    return dataclasses.replace(source, value=mapped, label=source._data())
+
+
+@dataclass(frozen=True)
+class PickledData:
+    """An object (an ``IterableDataset`` and whatever it holds) pickled once to a file, so that a
+    generator's start sends the file's name and the generator reads it back itself."""
+
+    path: str
+
+    @classmethod
+    def of(cls, data: Any) -> PickledData:
+        payload = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
+        path = cache_dir() / "datasets" / f"{hashlib.blake2b(payload, digest_size=12).hexdigest()}.pkl"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+            partial.write_bytes(payload)
+            os.replace(partial, path)
+        return cls(str(path))
+
+    def load(self) -> Any:
+        with open(self.path, "rb") as f:
+            return pickle.load(f)
+
+
+def _list_bytes(documents: list) -> int:
+    return sum(len(d) if isinstance(d, str) else 8 * len(d) for d in documents if d is not None)
 
 
 def _content(source: DatasetSource) -> dict[str, str] | str:
@@ -113,7 +178,7 @@ def _looks_like_path(name: str) -> bool:
 def open_dataset(source: DatasetSource) -> Any:
     """The iterable of records (or strings) behind ``source``; loads hub and file datasets streaming."""
     if source.kind == "object":
-        return source.value
+        return source.value.load() if isinstance(source.value, PickledData) else source.value
     import datasets
 
     try:

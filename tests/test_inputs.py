@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import time
 
 import datasets
 import pytest
@@ -153,3 +155,38 @@ def test_unreadable_dataset_file_fails_before_any_work(tmp_path, model_dir, name
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="holds no"):
         actvpipe.stream(model_dir, empty, context_length=CTX)
+
+
+def test_large_in_memory_data_goes_to_generators_as_a_memory_map(model_dir, texts):
+    """A list over 4 MiB and an in-memory ``datasets.Dataset`` are written once to Arrow files and
+    memory-mapped, an ``IterableDataset`` pickled once to a file: the spec a generator receives
+    stays small, later starts take milliseconds, and the documents read back are the same, in the
+    same records."""
+    docs = [f"{texts[i % len(texts)]} {i}" for i in range(12_000)]
+    assert sum(map(len, docs)) > 4 << 20
+    small = resolve_dataset(docs[:50])
+    assert isinstance(small.value, list), "a small list is sent as it is"
+    expected = [block for block, _ in document_blocks(resolve_dataset(docs[:3072]), 256)]
+    in_memory = datasets.Dataset.from_dict({"text": docs})
+    for data in (docs, in_memory, in_memory.to_iterable_dataset()):
+        stream = actvpipe.stream(model_dir, data, context_length=32)
+        assert len(pickle.dumps(stream.spec)) < 64 << 10, "file references, not the data"
+        got = document_blocks(stream.spec.dataset, 256)
+        assert [next(got)[0] for _ in range(len(expected))] == expected
+        starts, closes = [], []
+        for _ in range(3):
+            loader = stream.buffer(2000).batch(100)
+            began = time.perf_counter()
+            loader.start()
+            starts.append(time.perf_counter() - began)
+            next(iter(loader))
+            began = time.perf_counter()
+            loader.close()
+            closes.append(time.perf_counter() - began)
+        assert min(starts) < 0.05 and max(closes) < 0.1, (starts, closes)
+    assert stream.spec.dataset.describe().startswith("<IterableDataset")
+    assert (
+        actvpipe.stream(model_dir, docs, context_length=32)
+        .spec.dataset.describe()
+        .startswith("<list of 12000 documents")
+    )
