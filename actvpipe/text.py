@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,24 +68,57 @@ PACKINGS = ("concat", "truncate")
 
 
 class DocumentBlocks(BaseNode[list]):
-    """Reads the dataset's text column in blocks of ``(record, text)``; state is the next record."""
+    """Reads the dataset's text column in blocks of ``(record, text)``; state is the next record.
 
-    def __init__(self, source: DatasetSource, block_docs: int = 256):
+    The documents read since the last reset (up to ``tape_docs`` of them) stay on a tape, so a reset
+    to the same or a later record replays them and reads on from the open dataset (documents in
+    between are read, never tokenized): a restore that re-packs many blocks scans the data once.
+    Only a reset to a record before the tape reopens the dataset.
+    """
+
+    def __init__(self, source: DatasetSource, block_docs: int = 256, tape_docs: int = 4096):
         super().__init__()
         self.source = source
         self.block_docs = block_docs
+        self.tape_docs = tape_docs
+        self.opened = 0  # times the dataset was opened
+        self._it: Iterator[tuple[list, int]] | None = None
+        self._tape: list[tuple[int, Any]] = []  # documents read from the dataset, oldest first
+        self._tape_from = 0  # the tape holds every document from this record to ``_read_to``
+        self._cursor = 0  # tape[_cursor:] is read but not yet returned
+        self._read_to = 0  # records below this have been read from the dataset
+        self._record = 0  # the next block holds documents from this record on
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
-        self._next_record = initial_state["record"] if initial_state else 0
-        self._it = document_blocks(self.source, self.block_docs, start=self._next_record)
+        record = initial_state["record"] if initial_state else 0
+        if self._it is None or record < self._tape_from:
+            self._it = document_blocks(self.source, self.block_docs, start=record)
+            self.opened += 1
+            self._tape, self._read_to = [], record
+        else:
+            self._tape = [doc for doc in self._tape if doc[0] >= record]
+            while not self._tape and self._read_to < record:
+                try:
+                    block, self._read_to = next(self._it)
+                except StopIteration:
+                    break
+                self._tape = [doc for doc in block if doc[0] >= record]
+        self._tape_from, self._cursor, self._record = record, 0, record
 
-    def next(self) -> list[tuple[int, str]]:
-        block, self._next_record = next(self._it)
+    def next(self) -> list[tuple[int, Any]]:
+        if self._cursor == len(self._tape):
+            block, self._read_to = next(self._it)
+            self._tape += block
+            if len(self._tape) > self.tape_docs + len(block):
+                self._tape = self._tape[-(self.tape_docs + len(block)) :]
+                self._tape_from = self._tape[0][0]
+        block, self._cursor = self._tape[self._cursor :], len(self._tape)
+        self._record = self._read_to
         return block
 
     def get_state(self) -> dict[str, Any]:
-        return {"record": self._next_record}
+        return {"record": self._record}
 
 
 class PackedContexts(BaseNode[ContextBlock]):

@@ -9,9 +9,10 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
-from conftest import assert_exact_batches, assert_exact_rows, reference_pass
+from conftest import assert_exact_batches, assert_exact_rows, reference_pass, resumed_run
 from test_lifecycle import shm_entries, wait_gone
 
 import actvpipe
@@ -303,3 +304,41 @@ def wait_for(condition, timeout=15.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def test_restore_reads_the_dataset_once_however_many_blocks_it_repacks(
+    model_dir, texts, tmp_path, monkeypatch
+):
+    """A state whose buffer holds rows of many blocks: the restore scans the file once (documents
+    between planned blocks are read, not tokenized), and the resumed pass is exact."""
+    from torchdata.nodes import Loader
+
+    import actvpipe.text
+    from actvpipe.resume import plans_from_state
+
+    docs = [f"{texts[i % len(texts)]} {i}" for i in range(60)]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+    def loader():
+        stream = actvpipe.stream(model_dir, str(data), context_length=CTX, generation_batch_size=2)
+        return stream.buffer(3000).batch(BATCH, with_tokens=True)
+
+    batches, state = resumed_run(loader, 12)
+    assert_exact_batches(batches, reference_pass(model_dir, docs, CTX), CTX)
+    (plan,), _ = plans_from_state(state["root"])
+    assert len(plan.blocks) >= 20, "the saved buffer spans many blocks"
+
+    opened = []
+    real = actvpipe.text.document_blocks
+    monkeypatch.setattr(
+        actvpipe.text, "document_blocks", lambda *a, **k: (opened.append(k["start"]), real(*a, **k))[1]
+    )
+    regenerated = []
+    for block in Loader(loader().spec.rows_graph(plan)):
+        regenerated.append(block.meta["row_id"])
+        if sum(map(len, regenerated)) >= len(plan.buffered):
+            break
+    assert opened == [int(plan.blocks[0, 1])], "opened once, at the first planned block"
+    ids = np.concatenate(regenerated)
+    assert np.array_equal(ids[: len(plan.buffered)], plan.buffered), "the saved rows come first"
