@@ -13,6 +13,7 @@ import multiprocessing.forkserver as forkserver
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 import types
@@ -143,11 +144,16 @@ def _context() -> mp.context.BaseContext:
 
 
 def _quiet_libraries() -> None:
+    """No progress bars from the libraries, and no named semaphore from tqdm: in a process started
+    by spawn or the fork server, tqdm's default lock is a multiprocessing lock, a file in /dev/shm
+    that a killed generator would leave until the trainer exits (``datasets`` takes it on load)."""
+    import tqdm
     import transformers
 
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # read when datasets is imported, if it is
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    tqdm.tqdm.set_lock(threading.RLock())
 
 
 @contextlib.contextmanager

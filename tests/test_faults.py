@@ -208,3 +208,20 @@ def test_close_takes_under_100_ms_in_the_middle_of_a_forward(model_dir, texts):
     took = time.monotonic() - began
     assert took < 0.1, f"close() took {took * 1000:.0f} ms"
     assert gone(pid) and not shm_entries(os.getpid())
+
+
+def test_a_generator_reading_files_creates_no_named_semaphore(model_dir, texts, tmp_path):
+    """``datasets`` takes tqdm's lock when it loads files; in a generator that lock must not be a
+    named semaphore in /dev/shm, which a killed generator would leave behind."""
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:20]))
+    before = sem_entries()
+    loader = actvpipe.stream(model_dir, str(data), context_length=CTX).buffer(1000).batch(BATCH)
+    with pytest.raises(actvpipe.GeneratorError), loader:
+        it = iter(loader)
+        next(it)
+        assert sem_entries() <= before
+        os.kill(loader.generator_pid, 9)
+        for _ in it:
+            pass
+    assert sem_entries() <= before
