@@ -99,7 +99,13 @@ def _memory_mapped(source: DatasetSource) -> DatasetSource:
     target = cache_dir() / "datasets" / str(key)
     if not (target / "dataset_info.json").is_file():
         partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-        data.save_to_disk(str(partial))
+        quiet = datasets.utils.are_progress_bars_disabled()
+        datasets.utils.disable_progress_bars()  # put back below: the user's setting stays theirs
+        try:
+            data.save_to_disk(str(partial))
+        finally:
+            if not quiet:
+                datasets.utils.enable_progress_bars()
         try:
             os.replace(partial, target)
         except OSError:  # another process wrote it first
