@@ -138,7 +138,10 @@ class PickledData:
 
 
 def _list_bytes(documents: list) -> int:
-    return sum(len(d) if isinstance(d, str) else 8 * len(d) for d in documents if d is not None)
+    """About how many bytes the documents take (bad entries are reported when read, not here)."""
+    return sum(
+        len(d) if isinstance(d, str) else 8 * len(d) if hasattr(d, "__len__") else 8 for d in documents
+    )
 
 
 def _content(source: DatasetSource) -> dict[str, str] | str:

@@ -48,7 +48,11 @@ def documents_digest(documents: Iterable[Any]) -> str:
     """A hash of every document (text or token ids), in order."""
     digest = hashlib.blake2b(digest_size=8)
     for doc in documents:
-        data = doc.encode() if isinstance(doc, str) else np.asarray(doc).tobytes()
+        if isinstance(doc, str):
+            data = doc.encode()
+        else:
+            array = np.asarray(doc)  # token ids; anything else (None, a stray object) by its repr
+            data = repr(doc).encode() if array.dtype == object else array.tobytes()
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
     return digest.hexdigest()
