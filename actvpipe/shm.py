@@ -15,6 +15,7 @@ import os
 import secrets
 import threading
 import time
+from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
@@ -117,6 +118,10 @@ class SharedRowBuffer:
             raise ValueError(f"a buffer takes 1 to {MAX_SOURCES} sources, not {n_sources}")
         name = f"actvpipe_{os.getpid()}_{secrets.token_hex(6)}"
         nbytes = buffer_nbytes(size, tuple(row_shape), dtype, n_sources)
+        # The resource tracker removes the block if this process dies. Start it before the block
+        # exists: started by the first registration, it would leave a window of milliseconds in which
+        # a killed process leaves a block that nobody knows about.
+        resource_tracker.ensure_running()
         shm = SharedMemory(name=name, create=True, size=nbytes)
         shm.close()
         buffer = cls(name, size, row_shape, dtype, n_sources, pause)
