@@ -81,7 +81,6 @@ class DocumentBlocks(BaseNode[list]):
         self.source = source
         self.block_docs = block_docs
         self.tape_docs = tape_docs
-        self.opened = 0  # times the dataset was opened
         self._it: Iterator[tuple[list, int]] | None = None
         self._tape: list[tuple[int, Any]] = []  # documents read from the dataset, oldest first
         self._tape_from = 0  # the tape holds every document from this record to ``_read_to``
@@ -94,7 +93,6 @@ class DocumentBlocks(BaseNode[list]):
         record = initial_state["record"] if initial_state else 0
         if self._it is None or record < self._tape_from:
             self._it = document_blocks(self.source, self.block_docs, start=record)
-            self.opened += 1
             self._tape, self._read_to = [], record
         else:
             self._tape = [doc for doc in self._tape if doc[0] >= record]
