@@ -89,10 +89,12 @@ def format_sample(s: Sample) -> str:
 
 
 def growth(samples: list[Sample]) -> list[str]:
-    """What grew beyond tolerance from the first sample after warm-up (the second) to the last."""
-    if len(samples) < 3:
-        return ["too few samples: run longer or sample more often"]
-    first, last = samples[1], samples[-1]
+    """What grew beyond tolerance from the first sample after warm-up to the last. Warm-up is the
+    first pass: its generator is spawned, later ones come from the fork server (a few more pipes)."""
+    settled = [s for s in samples if s.passes >= 1]
+    if len(settled) < 2:
+        return ["too few samples after the first pass: run longer or sample more often"]
+    first, last = settled[0], settled[-1]
     problems = []
     if last.pss - first.pss > MEMORY_GROWTH:
         problems.append(f"PSS grew {(last.pss - first.pss) / 2**20:.1f} MiB")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -39,4 +40,7 @@ def test_soak_verdict_names_what_grew():
     assert "file descriptors grew from 20 to 31" in problems
     assert "more than one shared block" in problems
     assert "shared memory grew 70.0 MiB" in problems
-    assert growth(steady[:2]) == ["too few samples: run longer or sample more often"]
+    assert growth(steady[:3]) == ["too few samples after the first pass: run longer or sample more often"]
+    warming = [Sample(1, 0, 100, 500 * MiB, 24, 1, 20 * MiB), *steady[2:]]  # pass 0: spawned generator
+    stepped = [warming[0], *[dataclasses.replace(s, fds=30) for s in warming[1:]]]
+    assert growth(stepped) == [], "a step during the first pass is warm-up"
