@@ -252,7 +252,7 @@ class CaptureNode(BaseNode[RowBlock]):
             current.done.synchronize()
         self._state = current.contexts_state
         block, rows = current.block, current.rows
-        next_block = (block.first_seq + len(block.tokens), *block.next_start)
+        next_block = (block.next_seq, *block.next_start)
         meta = row_provenance(block, self.capture.first_pos)
         out = RowBlock(rows, meta, next_block, computed=len(rows))
         keep = kept_rows(meta, block, self.exclude_tokens)

@@ -8,7 +8,7 @@ import os
 import pickle
 import shutil
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,9 +16,18 @@ from typing import Any
 import numpy as np
 
 from actvpipe.demo import cache_dir
+from actvpipe.file_readers import (
+    first_line_record,
+    json_line,
+    line_blocks,
+    parquet_blocks,
+    parquet_columns,
+    text_line,
+)
 from actvpipe.fingerprint import documents_digest, files_digest
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
+NATIVE = ("jsonl", "text", "parquet")  # read by ``file_readers``: seekable, each rank reads its share
 OFFLINE_HINT = (
     "Without network access pass a local json/jsonl/txt/parquet file or directory, a datasets.Dataset, "
     "a list of strings, or use actvpipe.demo_stream() (bundled corpus)"
@@ -30,10 +39,15 @@ class DatasetSource:
     """A picklable description of the text source, opened again in the generator process."""
 
     kind: str  # "hub" | "files" | "object"
-    value: Any  # hub id | (builder, paths) | datasets.Dataset / IterableDataset / list of str
+    value: Any  # hub id | (format, paths) | datasets.Dataset / IterableDataset / list of str
     text_column: str
     content: dict[str, str] | str = ""  # see ``fingerprint``; filled in by ``resolve_dataset``
     label: str = ""  # what the user passed, when ``value`` is a memory-mapped copy of it
+
+    @property
+    def native(self) -> bool:
+        """Local files that actvpipe's own readers read (``file_readers``)."""
+        return self.kind == "files" and self.value[0] in NATIVE
 
     def describe(self) -> str:
         """The data, and its column unless it is ``text``."""
@@ -177,7 +191,10 @@ def _resolve_path_or_hub(name: str, text_column: str) -> DatasetSource:
             f"dataset: {name!r} must be files of one kind among {', '.join(BUILDERS)}; "
             f"found suffixes {sorted({Path(f).suffix for f in files})}"
         )
-    return DatasetSource("files", (builders.pop(), tuple(files)), text_column)
+    builder = builders.pop()
+    if builder == "json" and first_line_record(files[0]) is not None:
+        builder = "jsonl"  # JSON lines, whatever the suffix; other JSON goes through ``datasets``
+    return DatasetSource("files", (builder, tuple(files)), text_column)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -194,6 +211,7 @@ def open_dataset(source: DatasetSource) -> Any:
         if source.kind == "hub":
             return datasets.load_dataset(source.value, split="train", streaming=True)
         builder, files = source.value
+        builder = "json" if builder == "jsonl" else builder
         return datasets.load_dataset(builder, data_files=list(files), split="train", streaming=True)
     except Exception as exc:
         if source.kind == "hub":
@@ -207,14 +225,41 @@ def open_dataset(source: DatasetSource) -> Any:
 
 
 def document_blocks(
-    source: DatasetSource, block_docs: int, start: int = 0
+    source: DatasetSource, block_docs: int, start: int = 0, rank: int = 0, world_size: int = 1
 ) -> Iterator[tuple[list[tuple[int, str]], int]]:
-    """Yield ``([(record index, text) of the non-empty documents], next record)`` from record ``start`` on."""
-    data = open_dataset(source)
-    if isinstance(data, list):
-        for i in range(start, len(data), block_docs):
-            yield _texts(data[i : i + block_docs], i, source), min(i + block_docs, len(data))
+    """Yield ``([(record, text) of the non-empty documents], next record)`` from record ``start`` on,
+    for rank ``rank`` of ``world_size`` (whose shares are disjoint and together hold every document).
+
+    Records are addresses that grow in reading order: a list's or ``datasets.Dataset``'s index (rank
+    ``r`` reads indices ``r`` mod ``world_size``), a position in local files (``file_readers``: a
+    seek), or the index in this rank's split of a streamed dataset (``split_dataset_by_node``)."""
+    if source.native:
+        builder, files = source.value
+        if builder == "parquet":
+            blocks = parquet_blocks(files, source.text_column, block_docs, start, rank, world_size)
+        else:
+            parse = json_line(source.text_column) if builder == "jsonl" else text_line
+            blocks = line_blocks(files, parse, block_docs, start, rank, world_size)
+        for block, next_record in blocks:
+            yield _texts([v for _, v in block], [r for r, _ in block], source), next_record
         return
+    data = open_dataset(source)
+    loaded = sys.modules.get("datasets")
+    indexed = isinstance(data, list) or (loaded is not None and isinstance(data, loaded.Dataset))
+    if indexed and not isinstance(data, list):
+        data = data.select_columns([source.text_column])
+    if indexed:
+        first = start + (rank - start) % world_size  # the first index at or after start that is ours
+        for i in range(first, len(data), block_docs * world_size):
+            end = min(i + block_docs * world_size, len(data))
+            values = data[i:end:world_size]
+            values = values if isinstance(values, list) else values[source.text_column]
+            yield _texts(values, range(i, end, world_size), source), end
+        return
+    if world_size > 1:
+        from datasets.distributed import split_dataset_by_node
+
+        data = split_dataset_by_node(data, rank=rank, world_size=world_size)
     if start:
         data = data.skip(start)
     record = start
@@ -222,14 +267,14 @@ def document_blocks(
         if source.text_column not in batch:
             raise ValueError(_missing_column(source, list(batch)))
         values = batch[source.text_column]
-        yield _texts(values, record, source), record + len(values)
+        yield _texts(values, range(record, record + len(values)), source), record + len(values)
         record += len(values)
 
 
-def _texts(values: list, first_record: int, source: DatasetSource) -> list[tuple[int, str | np.ndarray]]:
+def _texts(values: list, records: Sequence[int], source: DatasetSource) -> list[tuple[int, str | np.ndarray]]:
     """Non-empty documents: text, or token ids for a pretokenized column."""
     out = []
-    for record, value in enumerate(values, first_record):
+    for record, value in zip(records, values, strict=True):
         if value is None or (isinstance(value, str | list | tuple | np.ndarray) and len(value) == 0):
             continue
         tokens = None if isinstance(value, str) else np.asarray(value)
@@ -246,11 +291,24 @@ def _texts(values: list, first_record: int, source: DatasetSource) -> list[tuple
 def _check_first_document(source: DatasetSource) -> str:
     """Raise if the dataset is empty or lacks the column; return the column to read (a default
     ``"text"`` missing from a pretokenized dataset becomes its ``input_ids`` or ``tokens``)."""
+    if source.native:
+        builder, files = source.value
+        columns = ["text"] if builder == "text" else None
+        if builder == "parquet":
+            try:
+                columns = parquet_columns(files[0])
+            except Exception as exc:
+                raise ValueError(
+                    f"dataset: could not read {files[0]} ({type(exc).__name__}: {exc}); check its format"
+                ) from exc
+        elif builder == "jsonl":  # its first line parsed as an object when the format was chosen
+            columns = list(first_line_record(files[0]) or {})
+        return _column_in(source, columns)
     data = open_dataset(source)
     if isinstance(data, list):
         if not data:
             raise ValueError("dataset: the list of strings is empty; pass at least one document")
-        _texts(data[:1], 0, source)
+        _texts(data[:1], [0], source)
         return source.text_column
     columns = getattr(data, "column_names", None)
     if columns is None:
@@ -264,6 +322,10 @@ def _check_first_document(source: DatasetSource) -> str:
                 "check the file's format and encoding"
             ) from exc
         columns = list(first)
+    return _column_in(source, columns)
+
+
+def _column_in(source: DatasetSource, columns: list[str]) -> str:
     if source.text_column not in columns:
         token_columns = [c for c in TOKEN_COLUMNS if c in columns]
         if source.text_column == "text" and token_columns:

@@ -12,7 +12,7 @@ from actvpipe.models import load_model, load_tokenizer
 from actvpipe.placement import Placement
 from actvpipe.records import RowBlock
 from actvpipe.resume import PlannedContexts, ResumePlan, RowFilter
-from actvpipe.text import DocumentBlocks, PackedContexts, ShardedContexts
+from actvpipe.text import DocumentBlocks, PackedContexts
 
 if TYPE_CHECKING:
     from actvpipe.spec import StreamSpec
@@ -24,18 +24,22 @@ def build_rows_graph(
     fill: Callable[[], float] | None = None,
     report: Callable[[bool], None] | None = None,
 ) -> BaseNode[RowBlock]:
-    """Load model and tokenizer, then: documents -> packed contexts per the plan (tokenized in a
-    background thread) -> captured rows (on the device ``Placement`` picks) -> plan filter."""
+    """Load model and tokenizer, then: this rank's documents -> packed contexts per the plan
+    (tokenized in a background thread) -> captured rows (on the device ``Placement`` picks) -> plan filter."""
     model = load_model(spec.model, spec.compute_dtype, "cpu")
     placement = Placement(model, spec.device, spec.watermarks, fill, report)
     tokenizer = load_tokenizer(spec.model.tokenizer)
+    documents = DocumentBlocks(spec.dataset, rank=spec.rank, world_size=spec.world_size)
     packer = PackedContexts(
-        DocumentBlocks(spec.dataset), tokenizer, spec.context_length, spec.generation_batch_size, spec.packing
+        documents,
+        tokenizer,
+        spec.context_length,
+        spec.generation_batch_size,
+        spec.packing,
+        spec.rank,
+        spec.world_size,
     )
-    contexts = PlannedContexts(packer, plan)
-    if spec.world_size > 1:
-        contexts = ShardedContexts(contexts, spec.rank, spec.world_size, spec.generation_batch_size)
-    contexts = Prefetcher(contexts, prefetch_factor=4)
+    contexts = Prefetcher(PlannedContexts(packer, plan), prefetch_factor=4)
     capture = ActivationCapture(model, spec.layers, spec.first_pos, spec.capture, spec.modules)
     rows = CaptureNode(contexts, capture, spec.dtype, placement, spec.exclude_tokens)
     return RowFilter(rows, plan)

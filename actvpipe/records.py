@@ -17,13 +17,15 @@ class ContextBlock:
     """Consecutive packed contexts: ``tokens[j]`` is global context number ``first_seq + j``.
 
     ``start`` is where the block's first context begins in the dataset, ``next_start`` where the
-    following block begins: packing restarted there reproduces the following contexts exactly.
+    following block begins and ``next_seq`` its first context number: packing restarted there
+    reproduces the following contexts exactly.
     """
 
     tokens: np.ndarray
     first_seq: int
     start: tuple[int, int]
     next_start: tuple[int, int]
+    next_seq: int
     lengths: np.ndarray | None = None  # per context, positions before padding (None: no padding)
 
 

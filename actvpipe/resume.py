@@ -21,7 +21,7 @@ from torchdata.nodes import BaseNode
 from actvpipe.records import ContextBlock, RowBlock
 from actvpipe.text import PackedContexts
 
-STATE_VERSION = 3
+STATE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,10 @@ class PlannedContexts(BaseNode[ContextBlock]):
         return next(self.packer)
 
     def get_state(self) -> dict[str, Any]:
-        return {"next_block": self._next_block, "packer": self.packer.state_dict()}
+        # Before the first planned block the packer has no position yet: asking it for one would
+        # make it open the data at the start, and reach the first block by reading up to it.
+        packer = self.packer.state_dict() if self._next_block else None
+        return {"next_block": self._next_block, "packer": packer}
 
 
 class RowFilter(BaseNode[RowBlock]):

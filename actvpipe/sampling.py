@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -11,7 +11,9 @@ import torch
 from torchdata.nodes import BaseNode
 
 from actvpipe.cache import compute_stats
+from actvpipe.device_copy import DeviceCopy
 from actvpipe.mixing import Mixing
+from actvpipe.outputs import OutputPool
 from actvpipe.pass_run import PassRun
 from actvpipe.resume import ResumePlan, check_fingerprint, make_state, plans_from_state
 from actvpipe.spec import Hdf5Spec, StreamSpec
@@ -41,13 +43,8 @@ class Batching:
     size: int
     drop_last: bool = False
     with_tokens: bool = False
-    reuse: bool = False
     pin_memory: bool = False
-
-    @property
-    def preallocated(self) -> bool:
-        """Gather into two preallocated tensors in turn (``reuse``, implied by ``pin_memory``)."""
-        return self.reuse or self.pin_memory
+    device: torch.device | None = None  # where batches are handed over (None: host memory)
 
 
 class BufferBatcher(BaseNode):
@@ -75,7 +72,8 @@ class BufferBatcher(BaseNode):
         self.normalize, self.stats_rows = normalize, stats_rows
         self.normalization: Normalization | None = None
         self.run: PassRun | None = None
-        self._outputs: list[torch.Tensor] = []
+        self._outputs: OutputPool | None = None
+        self._copy = None if batching.device is None else DeviceCopy(batching.device)
         self._stats: ActivationStats | None = None
         self._started_with: dict | None = None
         self._rng = np.random.default_rng()
@@ -156,22 +154,25 @@ class BufferBatcher(BaseNode):
 
     def _batch(self, slots: np.ndarray) -> torch.Tensor | TokenBatch:
         buffer = self.run.buffer
-        acts = buffer.gather(slots, self._output(len(slots)) if self.batching.preallocated else None)
+        acts = buffer.gather(slots, self._output(len(slots)))
         if self.normalization is not None:
             self.normalization.apply_(acts)
-        return TokenBatch(acts, **buffer.provenance(slots)) if self.batching.with_tokens else acts
+        if not self.batching.with_tokens:
+            return acts if self._copy is None else self._copy.to_device(acts)
+        batch = TokenBatch(acts, **buffer.provenance(slots))
+        if self._copy is None:
+            return batch
+        return TokenBatch(**{f.name: self._copy.to_device(getattr(batch, f.name)) for f in fields(batch)})
 
     def _output(self, n: int) -> torch.Tensor:
-        """The next of two preallocated (optionally pinned) batch tensors: a batch stays valid until
-        the batch after next is drawn."""
-        if not self._outputs:
-            shape = (self.batching.size, *self.sources[0].row_shape)
-            dtype = self.sources[0].dtype
-            self._outputs = [
-                torch.empty(shape, dtype=dtype, pin_memory=self.batching.pin_memory) for _ in range(2)
-            ]
-        self._outputs.reverse()
-        return self._outputs[0][:n]
+        """Where the next batch is gathered: a pooled tensor nothing else holds, or fresh pinned
+        memory (torch's pinned-memory cache reuses it only once pending copies from it are done)."""
+        shape, dtype = (n, *self.sources[0].row_shape), self.sources[0].dtype
+        if self.batching.pin_memory or (self._copy is not None and self._copy.accelerated):
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        if self._outputs is None:
+            self._outputs = OutputPool((self.batching.size, *shape[1:]), dtype)
+        return self._outputs.take(n)
 
     def get_state(self) -> dict[str, Any]:
         ledger = self.run.ledger

@@ -118,10 +118,11 @@ class SharedRowBuffer:
             raise ValueError(f"a buffer takes 1 to {MAX_SOURCES} sources, not {n_sources}")
         name = f"actvpipe_{os.getpid()}_{secrets.token_hex(6)}"
         nbytes = buffer_nbytes(size, tuple(row_shape), dtype, n_sources)
-        # The resource tracker removes the block if this process dies. Start it before the block
-        # exists: started by the first registration, it would leave a window of milliseconds in which
-        # a killed process leaves a block that nobody knows about.
-        resource_tracker.ensure_running()
+        # The resource tracker removes the block if this process dies. Register the name before the
+        # block exists: SharedMemory registers it only after creating and mapping it, and a process
+        # killed in between would leave a block that nobody knows about. (Killed before the block
+        # exists, the tracker finds nothing to remove, and says so.)
+        resource_tracker.register(f"/{name}", "shared_memory")
         shm = SharedMemory(name=name, create=True, size=nbytes)
         shm.close()
         buffer = cls(name, size, row_shape, dtype, n_sources, pause)

@@ -22,6 +22,7 @@ from actvpipe.checks import (
     resolve_device,
     resolve_rank,
 )
+from actvpipe.device_copy import batch_device
 from actvpipe.documents import resolve_dataset
 from actvpipe.hdf5 import FORMAT, check_matching, dtype_name, expand_paths, open_cache_file
 from actvpipe.mixing import Mixing
@@ -256,16 +257,20 @@ class BufferedStream:
         batch_size: int,
         drop_last: bool = False,
         with_tokens: bool = False,
-        reuse: bool = False,
         pin_memory: bool = False,
+        device: str | torch.device | None = None,
     ) -> ActivationLoader:
         """Batches of ``batch_size`` rows; ``with_tokens=True`` yields ``TokenBatch`` records.
 
-        ``reuse=True`` gathers into two preallocated tensors in turn instead of a fresh one per batch
-        (no allocation, no page faults): a batch stays valid only until the batch after next is drawn,
-        so use it (e.g. move it to the GPU) and drop it. ``pin_memory=True`` (CUDA only) pins them.
+        Batches are gathered into a few pooled tensors, each reused only once nothing references it
+        any more (no batch, view or array of it is alive): a batch you keep stays intact, and the
+        memory of one you dropped is reused without new allocations or page faults.
+        ``pin_memory=True`` (CUDA only) gathers into pinned memory instead. ``device="cuda"`` (or
+        ``"cuda:N"``) yields tensors on that GPU: rows are gathered into pinned memory and copied on a
+        side stream that the current stream waits on, so the host never blocks on the copy.
         """
         check_positive_int("batch_size", batch_size)
+        device = batch_device(device)
         if pin_memory and not torch.cuda.is_available():
             raise ValueError("pin_memory: needs CUDA, which is not available here; pass pin_memory=False")
         if batch_size > self.size:
@@ -273,7 +278,7 @@ class BufferedStream:
                 f"batch_size: {batch_size} is larger than the buffer ({self.size} rows); "
                 f"pass .buffer(size) with size >= {batch_size} or a smaller batch_size"
             )
-        return ActivationLoader(self, batch_size, drop_last, with_tokens, reuse, pin_memory)
+        return ActivationLoader(self, batch_size, drop_last, with_tokens, pin_memory, device)
 
 
 class ActivationLoader:
@@ -291,8 +296,8 @@ class ActivationLoader:
         batch_size: int,
         drop_last: bool,
         with_tokens: bool,
-        reuse: bool = False,
         pin_memory: bool = False,
+        device: torch.device | None = None,
     ):
         self.spec = buffered.spec
         self.buffer_size = buffered.size
@@ -306,7 +311,7 @@ class ActivationLoader:
             deterministic=self.spec.deterministic,
             disk_rows=sum(f.rows for disk in buffered.disk for f in disk.files),
         )
-        batching = Batching(batch_size, drop_last, with_tokens, reuse, pin_memory)
+        batching = Batching(batch_size, drop_last, with_tokens, pin_memory, device)
         self._node = BufferBatcher(sources, batching, mixing, buffered.normalize, buffered.stats_rows)
         self._loader = Loader(self._node)
         self._loaded: dict[str, Any] | None = None

@@ -44,12 +44,23 @@ def bare_forward_tokens_per_s(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> float:
-    """Tokens/s of the plain base model (no hooks, no LM head) on random tokens of the given shape."""
+    """Tokens/s of the plain base model (no hooks, no LM head) on random tokens of the given shape,
+    on the CPU with as many threads as actvpipe's generator uses (every core)."""
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     tokens = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        return _timed_forward(model, tokens, seconds, sync)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _timed_forward(model, tokens: torch.Tensor, seconds: float, sync) -> float:
+    batch, context = tokens.shape
     with torch.inference_mode():
         model(tokens, use_cache=False)
         sync()

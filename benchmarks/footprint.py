@@ -4,7 +4,8 @@
   1 GB and a 16 GB buffer; pages are touched only when written, so it should be flat. The first
   start in a process is left out: it also launches the resource tracker and the fork server.
 - P4: peak resident memory of the training and generator processes (PSS: shared pages counted
-  once) ÷ (buffer bytes + model bytes), with the buffer full and batches being served.
+  once) ÷ (buffer bytes + model bytes), sampled every 20 ms by a thread from ``start()`` to
+  ``close()`` while the buffer fills and batches are served.
 
 Run: python -m benchmarks.footprint [--quick]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
+import threading
 import time
 
 import psutil
@@ -53,20 +55,32 @@ def model_bytes(model_dir) -> int:
 
 
 def peak_memory(model_dir, buffer_bytes: int) -> tuple[int, int]:
-    """(peak PSS of the training and generator processes, buffer bytes + model bytes), sampled
-    while batches are served from a full buffer."""
+    """(peak PSS of the training and generator processes, buffer bytes + model bytes), sampled by a
+    thread from before ``start()`` until ``close()`` returns (start-up transients included) while
+    the buffer fills and batches are served."""
     stream = actvpipe.stream(model_dir, corpus_texts() * 20, context_length=256, generation_batch_size=16)
     size = rows_for(stream, buffer_bytes)
     expected = buffer_nbytes(size, stream.row_shape, stream.spec.dtype) + model_bytes(model_dir)
-    peak = 0
-    with stream.buffer(size, warmup=1.0).batch(1024) as loader:
-        it = iter(loader)
-        next(it)  # with warmup=1.0 the first batch waits for a full buffer
-        pids = [os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))]
-        for _ in range(100):
-            next(it)
-            peak = max(peak, memory_of(pids))
-    return peak, expected
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            pids = [os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))]
+            peak[0] = max(peak[0], memory_of(pids))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        with stream.buffer(size, warmup=1.0).batch(1024) as loader:
+            it = iter(loader)
+            next(it)  # with warmup=1.0 the first batch waits for a full buffer
+            for _ in range(100):
+                next(it)
+    finally:
+        done.set()
+        sampler.join()
+    return peak[0], expected
 
 
 def results(quick: bool) -> list[Result]:

@@ -19,16 +19,26 @@ from actvpipe.demo import corpus_texts
 from benchmarks.common import bare_forward_tokens_per_s, build_gpt2, machine
 
 
-def pass_rows(model_dir, texts, context: int, **stream_args) -> tuple[torch.Tensor, bool]:
-    """Every row of the pass in generation order, and whether the generator reported the GPU."""
+def pass_rows(
+    model_dir, texts, context: int, batch_device: str | None = None, **stream_args
+) -> tuple[torch.Tensor, bool, bool]:
+    """Every row of the pass in generation order (on the host), whether the generator reported the
+    GPU, and whether each batch's sum taken at once on the consumer's stream (before any host sync)
+    equals its sum on the host afterwards: batches of ``.batch(device=batch_device)`` are complete
+    when handed over."""
     stream = actvpipe.stream(model_dir, texts, context_length=context, **stream_args)
-    with stream.buffer(100_000).batch(100_000, with_tokens=True) as loader:
-        batches = list(loader)
+    with stream.buffer(100_000).batch(1000, with_tokens=True, device=batch_device) as loader:
+        batches, sums = [], []
+        for batch in loader:
+            sums.append(batch.acts.double().sum())
+            batches.append(batch)
         run = loader._node.run
         on_gpu = run is not None and bool(run.buffer.get("on_gpu", 0))
-    acts = torch.cat([b.acts for b in batches]).float()
-    key = torch.cat([b.seq * context + b.pos for b in batches])
-    return acts[torch.argsort(key)], on_gpu
+    host = [float(b.acts.cpu().double().sum()) for b in batches]
+    complete = all(abs(float(s) - h) <= 1e-9 * max(1.0, abs(h)) for s, h in zip(sums, host, strict=True))
+    acts = torch.cat([b.acts.cpu() for b in batches]).float()
+    key = torch.cat([(b.seq * context + b.pos).cpu() for b in batches])
+    return acts[torch.argsort(key)], on_gpu, complete
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -37,12 +47,17 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def checks(model_dir, device: str, context: int) -> list[tuple[str, str, bool]]:
     texts = corpus_texts()[:8]
-    cpu, _ = pass_rows(model_dir, texts, context, device="cpu")
-    fp32, fp32_gpu = pass_rows(model_dir, texts, context, device=device)
-    bf16, _ = pass_rows(model_dir, texts, context, device=device, model_dtype=torch.bfloat16)
-    auto, auto_gpu = pass_rows(model_dir, texts, context, device="auto")
+    cpu, _, _ = pass_rows(model_dir, texts, context, device="cpu")
+    fp32, fp32_gpu, _ = pass_rows(model_dir, texts, context, device=device)
+    bf16, _, _ = pass_rows(model_dir, texts, context, device=device, model_dtype=torch.bfloat16)
+    auto, auto_gpu, _ = pass_rows(model_dir, texts, context, device="auto")
+    handed, _, complete = pass_rows(model_dir, texts, context, batch_device=device, device="cpu")
     expect_gpu = device.startswith("cuda")
     out = []
+    err = relative_error(handed, cpu)
+    ok = err < 1e-6 and complete
+    name = f".batch(device={device!r}) vs host batches; complete on the stream"
+    out.append((name, f"{err:.1e}, complete={complete}", ok))
     err = relative_error(fp32, cpu)
     out.append((f"{device} float32 rows vs CPU rows", f"relative error {err:.1e}", err < 1e-4))
     out.append((f"{device} run reported on_gpu={expect_gpu}", str(fp32_gpu), fp32_gpu == expect_gpu))

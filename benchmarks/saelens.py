@@ -1,33 +1,40 @@
-"""Side by side with SAELens: served rows/s of actvpipe ÷ rows/s of SAELens' multi-hook
+"""Side by side with SAELens: rows/s of actvpipe ÷ rows/s of SAELens' multi-hook
 ``ActivationsStore``, capturing the same rows (the MLP's input, which is ln_2's input or
 ``hook_resid_mid``, and ``hook_mlp_out``, at every layer) on the same model shape, context and
 forward batch, each feeding a training loop that takes batches as fast as they come.
 
+Both sides are timed in the steady state, in windows that alternate ABBA (this machine's speed
+drifts): SAELens after its first buffer fill was drained, so its windows include its synchronous
+refills; actvpipe counting only rows its generator computed inside the window (between the first
+and last block finished in it), and idle during SAELens' windows (its buffer full, its generator
+blocked). Each side is also reported against its own bare forward (the HF model for actvpipe, the
+HookedTransformer for SAELens), which separates the models' speed from the pipelines'.
+
 Needs the optional extra (``pip install -e ".[bench]"``, which installs sae-lens); without it the
-row says so. Windows alternate between the two, as in P1, because this machine's speed drifts.
-Run: python -m benchmarks.saelens [--quick]
+row says so. Run: python -m benchmarks.saelens [--quick]
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import statistics
 import time
 from collections.abc import Iterator
 
+import torch
+
 import actvpipe
 from actvpipe.demo import corpus_texts
-from benchmarks.common import Result, build_gpt2, cli
+from benchmarks.common import Result, bare_forward_tokens_per_s, build_gpt2, cli
 
 N_LAYER, D_MODEL, HEADS = 4, 256, 4
 CONTEXT, FORWARD_BATCH, BATCH = 128, 16, 1024
 
 
-def saelens_batches(model_dir) -> Iterator[int]:
-    """Rows per batch from SAELens' multi-hook store over a HookedTransformer of the same shape."""
-    from datasets import Dataset
-    from sae_lens import ActivationsStore
+def hooked_model(model_dir):
+    """A HookedTransformer of the same shape as the HF model in ``model_dir``, with its tokenizer."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformers import AutoTokenizer
 
@@ -44,7 +51,14 @@ def saelens_batches(model_dir) -> Iterator[int]:
         normalization_type="LN",
         device="cpu",
     )
-    model = HookedTransformer(config, tokenizer=tokenizer)
+    return HookedTransformer(config, tokenizer=tokenizer)
+
+
+def saelens_batches(model) -> Iterator[int]:
+    """Rows per batch from SAELens' multi-hook store over ``model``."""
+    from datasets import Dataset
+    from sae_lens import ActivationsStore
+
     hooks = [f"blocks.{i}.hook_{point}" for i in range(N_LAYER) for point in ("resid_mid", "mlp_out")]
     store = ActivationsStore.from_config_multi_hook(
         model,
@@ -62,16 +76,19 @@ def saelens_batches(model_dir) -> Iterator[int]:
         yield len(batch[hooks[0]])
 
 
-def actvpipe_batches(model_dir) -> Iterator[int]:
-    stream = actvpipe.stream(
-        model_dir, corpus_texts() * 50, context_length=CONTEXT, generation_batch_size=FORWARD_BATCH
-    )
-    with stream.buffer(40 * BATCH).batch(BATCH, reuse=True) as loader:
-        for batch in loader:
-            yield len(batch)
+def hooked_forward_tokens_per_s(model, seconds: float) -> float:
+    """Tokens/s of the HookedTransformer's plain forward (no hooks, no loss), SAELens' own model."""
+    tokens = torch.randint(0, model.cfg.d_vocab, (FORWARD_BATCH, CONTEXT))
+    with torch.inference_mode():
+        model(tokens, return_type=None)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            model(tokens, return_type=None)
+            n += 1
+    return n * FORWARD_BATCH * CONTEXT / (time.perf_counter() - start)
 
 
-def rate(batches: Iterator[int], seconds: float) -> float:
+def saelens_rate(batches: Iterator[int], seconds: float) -> float:
     """Rows/s taken from ``batches`` over a window of ``seconds``."""
     rows, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -79,13 +96,26 @@ def rate(batches: Iterator[int], seconds: float) -> float:
     return rows / (time.perf_counter() - start)
 
 
-def paired(
-    ours: Iterator[int], theirs: Iterator[int], window: float, rounds: int
-) -> list[tuple[float, float]]:
-    """(ours, theirs) rows/s in adjacent windows, after one warm-up window each."""
-    rate(ours, window / 2)
-    rate(theirs, window / 2)
-    return [(rate(ours, window), rate(theirs, window)) for _ in range(rounds)]
+def actvpipe_rate(loader, it, seconds: float) -> float:
+    """Rows/s the generator computed inside a window of ``seconds`` while ``it`` is drained: rows
+    written between the first and the last block finished in the window, over that time."""
+    finished, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        next(it)
+        written = loader.counters()["written"]
+        if not finished or written != finished[-1][1]:
+            finished.append((time.perf_counter(), written))
+    (t0, w0), (t1, w1) = finished[1], finished[-1]
+    return (w1 - w0) / (t1 - t0)
+
+
+def wait_until_idle(loader) -> None:
+    """Until the generator blocks on a full buffer, so it takes no CPU from the other side."""
+    while True:
+        before = loader.counters()["written"]
+        time.sleep(0.5)
+        if loader.counters()["written"] == before:
+            return
 
 
 def results(quick: bool) -> list[Result]:
@@ -94,22 +124,47 @@ def results(quick: bool) -> list[Result]:
         return [
             Result(name, "", "", None, "> 1", 'skipped: sae-lens not installed (pip install -e ".[bench]")')
         ]
+    window, rounds = (6.0, 2) if quick else (15.0, 4)
+    torch.set_num_threads(os.cpu_count() or 1)  # SAELens runs here; our generator uses every core too
     model_dir = build_gpt2(N_LAYER, D_MODEL, HEADS, n_positions=CONTEXT)
     try:
-        ours, theirs = actvpipe_batches(model_dir), saelens_batches(model_dir)
-        pairs = paired(ours, theirs, 10.0 if quick else 20.0, 1 if quick else 3)
-        ours.close()  # ends the generator function, so its ``with`` block closes our loader now
+        hooked = hooked_model(model_dir)
+        theirs = saelens_batches(hooked)
+        for _ in range(100):  # past its first buffer fill (20 forward batches, 40 of our batches)
+            next(theirs)
+        stream = actvpipe.stream(
+            model_dir, corpus_texts() * 50, context_length=CONTEXT, generation_batch_size=FORWARD_BATCH
+        )
+        rates: dict[str, list[float]] = {"ours": [], "theirs": [], "hf": [], "tl": []}
+        with stream.buffer(40 * BATCH).batch(BATCH) as loader:
+            it = iter(loader)
+            for _ in range(80):  # drain the start-up fill twice over
+                next(it)
+            for r in range(rounds):
+                for side in ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours"):
+                    wait_until_idle(loader)
+                    if side == "ours":
+                        rates["ours"].append(actvpipe_rate(loader, it, window))
+                    else:
+                        rates["theirs"].append(saelens_rate(theirs, window))
+            wait_until_idle(loader)
+            bare = {
+                "hf": lambda: bare_forward_tokens_per_s(model_dir, FORWARD_BATCH, CONTEXT, window / 2),
+                "tl": lambda: hooked_forward_tokens_per_s(hooked, window / 2),
+            }
+            for side in ("hf", "tl", "tl", "hf"):
+                rates[side].append(bare[side]())
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)
-    ratios = [a / b for a, b in pairs]
+    ours, theirs, hf, tl = (statistics.median(v) for v in rates.values())
+    ratios = [a / b for a, b in zip(rates["ours"], rates["theirs"], strict=True)]
+    note = (
+        f"{rounds} rounds ABBA, steady state; vs own bare forward: actvpipe {ours / hf:.3f} (HF), "
+        f"SAELens {theirs / tl:.3f} (HookedTransformer)"
+    )
     return [
         Result(
-            name,
-            f"{statistics.median(a for a, _ in pairs):,.0f} rows/s",
-            f"{statistics.median(b for _, b in pairs):,.0f} rows/s",
-            statistics.median(ratios),
-            "> 1",
-            f"{len(pairs)} paired window(s)",
+            name, f"{ours:,.0f} rows/s", f"{theirs:,.0f} rows/s", statistics.median(ratios), "> 1", note
         )
     ]
 

@@ -2,9 +2,12 @@
 (the ledger's ``draw`` -> the buffer's ``gather`` -> ``remove`` -> ``grant``, the refill pushed
 back through the slot rings and published) on a real shared buffer, in this process.
 
-- P2: GB/s of batches of 5000 GPT-2-small rows ([2, 12, 768] float32, 73.7 KB) ÷ GB/s of a plain
-  ``copy_`` of the same number of bytes between two preallocated tensors, measured in the same run.
-- P5: seconds per batch of 1024 small rows with 10 million buffered rows ÷ with 10 thousand.
+- P2: GB/s of batches of 5000 GPT-2-small rows ([2, 12, 768] float32, 73.7 KB), gathered as the
+  loader does by default (into its ``OutputPool``) ÷ GB/s of a plain ``copy_`` of the same number of
+  bytes between two preallocated tensors, in the same run, sides alternated; and the same into a
+  fresh tensor per batch, for reference.
+- P5: seconds per batch of 1024 small rows with 10 million buffered rows ÷ a plain one-thread
+  ``index_select`` of 1024 random rows from the same 10M rows (the physical limit of a gather).
 
 Run: python -m benchmarks.serving [--quick]
 """
@@ -17,6 +20,7 @@ import numpy as np
 import torch
 
 from actvpipe.ledger import Ledger
+from actvpipe.outputs import OutputPool
 from actvpipe.shm import SharedRowBuffer
 from benchmarks.common import Result, cli
 
@@ -37,82 +41,119 @@ def full_buffer(size: int, row_shape: tuple[int, ...]) -> tuple[SharedRowBuffer,
 
 
 def seconds_per_batch(
-    buffer: SharedRowBuffer, ledger: Ledger, batch: int, seconds: float, reuse: bool = False
+    buffer: SharedRowBuffer, ledger: Ledger, batch: int, seconds: float, pooled: bool = True
 ) -> float:
-    """The serving path per batch: fresh output tensors, or two preallocated ones in turn (``reuse``)."""
+    """The serving path per batch, holding each batch until the next is drawn as a training loop
+    does: gathered into the loader's ``OutputPool`` (its default), or into a fresh tensor each time."""
     rng = np.random.default_rng(0)
-    outputs = [torch.zeros(batch, *buffer.row_shape) for _ in range(2)] if reuse else [None]  # touched once
-    n, start = 0, time.perf_counter()
+    pool = OutputPool((batch, *buffer.row_shape), buffer.dtype)
+    n, start, served = 0, time.perf_counter(), None
     while time.perf_counter() - start < seconds:
         draw = ledger.draw(batch, rng)
-        buffer.gather(draw.slots, outputs[n % len(outputs)])
+        served = buffer.gather(draw.slots, pool.take(batch) if pooled else None)
         ledger.remove(draw)
         ledger.grant()
         buffer.push(buffer.claim(batch))  # the generator would refill them
         ledger.publish(0, batch)
         n += 1
+    del served
     return (time.perf_counter() - start) / n
 
 
 def p2(quick: bool) -> tuple[float, float, float]:
-    """(served GB/s into fresh tensors, into reused tensors, plain copy GB/s) at batch 5000."""
+    """(served GB/s by default, into a fresh tensor per batch, plain copy GB/s) at batch 5000; the
+    three timed in the order default, fresh, copy, copy, fresh, default, after a warm-up of each."""
     batch, size = 5000, 10_000 if quick else 40_000
     buffer, ledger = full_buffer(size, GPT2_SMALL_ROW)
+    src, dst = torch.randn(batch, *GPT2_SMALL_ROW), torch.empty(batch, *GPT2_SMALL_ROW)
+
+    def copy(seconds: float) -> float:
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            dst.copy_(src)
+            n += 1
+        return (time.perf_counter() - start) / n
+
+    sides = {
+        "default": lambda t: seconds_per_batch(buffer, ledger, batch, t, pooled=True),
+        "fresh": lambda t: seconds_per_batch(buffer, ledger, batch, t, pooled=False),
+        "copy": copy,
+    }
+    window = 1.5 if quick else 5.0
     try:
-        window = 3.0 if quick else 10.0
-        fresh, reused = (seconds_per_batch(buffer, ledger, batch, window, r) for r in (False, True))
+        for run in sides.values():
+            run(0.5)
+        per_batch = {side: [] for side in sides}
+        for side in ("default", "fresh", "copy", "copy", "fresh", "default"):
+            per_batch[side].append(sides[side](window))
     finally:
         buffer.unlink()
     nbytes = batch * int(np.prod(GPT2_SMALL_ROW)) * 4
-    src, dst = torch.randn(batch, *GPT2_SMALL_ROW), torch.empty(batch, *GPT2_SMALL_ROW)
-    dst.copy_(src)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < (3.0 if quick else 10.0):
-        dst.copy_(src)
-        n += 1
-    copy = (time.perf_counter() - start) / n
-    return nbytes / fresh / 1e9, nbytes / reused / 1e9, nbytes / copy / 1e9
+    default, fresh, plain = (nbytes / (sum(t) / len(t)) / 1e9 for t in per_batch.values())
+    return default, fresh, plain
 
 
 def p5(quick: bool) -> tuple[float, float]:
-    """(seconds per batch with 10M rows, with 10k rows), batch 1024 of small rows."""
-    out = []
-    for size in (10_000, 10_000_000):
-        buffer, ledger = full_buffer(size, SMALL_ROW)
+    """(seconds per batch of the serving path with 10M buffered rows, seconds of a plain one-thread
+    ``index_select`` of as many random rows from a tensor of the same size), batch 1024 of small
+    rows; timed ours, plain, plain, ours."""
+    size, batch, window = 10_000_000, 1024, 2.0 if quick else 6.0
+    buffer, ledger = full_buffer(size, SMALL_ROW)
+    rows = buffer.rows  # the same memory, already faulted in
+    rng = np.random.default_rng(1)
+
+    def plain(seconds: float) -> float:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the serving path gathers on one thread
         try:
-            out.append(seconds_per_batch(buffer, ledger, 1024, 2.0 if quick else 6.0))
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                torch.index_select(rows, 0, torch.from_numpy(rng.integers(0, size, batch)))
+                n += 1
+            return (time.perf_counter() - start) / n
         finally:
-            buffer.unlink()
-    return out[1], out[0]
+            torch.set_num_threads(threads)
+
+    def ours(seconds: float) -> float:
+        return seconds_per_batch(buffer, ledger, batch, seconds)
+
+    try:
+        ours(0.5), plain(0.5)
+        times = {"ours": 0.0, "plain": 0.0}
+        for side in ("ours", "plain", "plain", "ours"):
+            times[side] += (ours if side == "ours" else plain)(window)
+    finally:
+        buffer.unlink()
+    return times["ours"] / 2, times["plain"] / 2
 
 
 def results(quick: bool) -> list[Result]:
-    fresh, reused, copy = p2(quick)
-    large, small = p5(quick)
+    default, fresh, copy = p2(quick)
+    large, plain = p5(quick)
     return [
         Result(
             "P2 batch assembly, batch 5000 GPT-2-small rows / copy_",
+            f"{default:.2f} GB/s",
+            f"{copy:.2f} GB/s",
+            default / copy,
+            ">= 0.8",
+            "default .batch(n): pooled tensors, reused once dropped",
+        ),
+        Result(
+            "P2 same, a fresh tensor per batch / copy_",
             f"{fresh:.2f} GB/s",
             f"{copy:.2f} GB/s",
             fresh / copy,
-            ">= 0.5",
-            "default: a fresh tensor per batch",
+            "-",
+            "what the default did before the pool",
         ),
         Result(
-            "P2 same, .batch(reuse=True) / copy_",
-            f"{reused:.2f} GB/s",
-            f"{copy:.2f} GB/s",
-            reused / copy,
-            ">= 0.5",
-            "two preallocated tensors in turn",
-        ),
-        Result(
-            "P5 per-batch cost, 10M-row buffer / 10k-row buffer",
+            "P5 per-batch cost, 10M-row buffer / plain index_select of as many random rows",
             f"{large * 1e3:.3f} ms",
-            f"{small * 1e3:.3f} ms",
-            large / small,
+            f"{plain * 1e3:.3f} ms",
+            large / plain,
             "<= 1.2",
-            "batch 1024 of [2, 2, 16] rows",
+            "batch 1024 of [2, 2, 16] rows, one thread on both sides",
         ),
     ]
 

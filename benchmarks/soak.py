@@ -62,7 +62,7 @@ def soak(minutes: float, every: float, buffer_size: int, documents: int | None) 
     """Stream over the bundled corpus with the tiny demo model, pass after pass, for ``minutes``."""
     texts = corpus_texts()[:documents]
     stream = actvpipe.stream(demo_model_dir(), texts, context_length=64)
-    loader = stream.buffer(buffer_size).batch(256, reuse=True)
+    loader = stream.buffer(buffer_size).batch(256)
     start = time.monotonic()
     samples, passes, rows, next_sample = [], 0, 0, 0.0
     with loader:

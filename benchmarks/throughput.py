@@ -18,12 +18,15 @@ from benchmarks.common import Result, bare_forward_tokens_per_s, build_gpt2, cli
 def paired_ratios(
     model_dir, context: int, gen_batch: int, window: float, rounds: int, **stream_args
 ) -> list[float]:
-    """Alternate windows of bare forward and of streaming; return served/bare for each adjacent pair.
+    """Alternate windows of bare forward and of streaming, in the order ABBA (bare first in even
+    rounds, streaming first in odd ones); return streaming/bare for each round.
 
     This machine's speed drifts by over 10% within a minute, so each ratio compares windows seconds
-    apart. The streaming rate is rows written by the generator while the training loop consumes
-    continuously (equal to served rows/s in steady state, and not inflated by rows buffered while
-    the bare forward ran). The bare window starts once the generator has filled the buffer and idles.
+    apart, with the same thread count on both sides (every core). The streaming rate counts only
+    rows computed inside the window, at steady state: the rows the generator wrote between the first
+    and the last block it finished during the window, over the time between those two moments,
+    while the training loop consumes continuously. Before each bare window the generator has filled
+    the buffer and idles, so the two never compete.
     """
     texts = corpus_texts() * 50
     stream = actvpipe.stream(
@@ -33,20 +36,34 @@ def paired_ratios(
     ratios = []
     with stream.buffer(4 * block).batch(1024) as loader:
         it = iter(loader)
-        for _ in range(2 * block // 1024):
+        for _ in range(2 * block // 1024):  # drain the start-up fill
             next(it)
-        for _ in range(rounds):
+
+        def bare() -> float:
             while True:  # wait for the generator to block on a full buffer
                 before = loader.counters()["written"]
                 time.sleep(0.5)
                 if loader.counters()["written"] == before:
                     break
-            bare = bare_forward_tokens_per_s(model_dir, gen_batch, context, window)
-            written, start = loader.counters()["written"], time.perf_counter()
+            return bare_forward_tokens_per_s(model_dir, gen_batch, context, window)
+
+        def streaming() -> float:
+            finished = []  # (time, rows written) whenever a block lands
+            start = time.perf_counter()
             while time.perf_counter() - start < window:
                 next(it)
-            generated = (loader.counters()["written"] - written) / (time.perf_counter() - start)
-            ratios.append(generated / bare)
+                written = loader.counters()["written"]
+                if not finished or written != finished[-1][1]:
+                    finished.append((time.perf_counter(), written))
+            if len(finished) < 3:
+                raise RuntimeError("fewer than two blocks finished in a window; lengthen the window")
+            (t0, w0), (t1, w1) = finished[1], finished[-1]  # finished[0]: the window's own start
+            return (w1 - w0) / (t1 - t0)
+
+        for r in range(rounds):
+            order = (bare, streaming) if r % 2 == 0 else (streaming, bare)
+            rates = {side: side() for side in order}
+            ratios.append(rates[streaming] / rates[bare])
     return ratios
 
 

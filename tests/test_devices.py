@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import reference_pass
+from conftest import assert_exact_batches, reference_pass, resumed_run
 from torch import nn
 
 import actvpipe
@@ -98,5 +98,29 @@ def test_gpu_script_runs_its_checks_here_in_smoke_mode():
         timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("OK  ") == 4 and "FAIL" not in out.stdout
+    assert out.stdout.count("OK  ") == 5 and "FAIL" not in out.stdout
     assert re.search(r"captured tokens/s / bare bf16 forward tokens/s +[\d,]+ +[\d,]+ +\d\.\d{3}", out.stdout)
+
+
+def test_batches_handed_over_on_a_device_are_exact_across_a_resume(model_dir, texts):
+    """``.batch(device=...)`` gathers, copies on a side stream and makes the consumer's stream wait
+    on it; torch's CPU streams run those same steps here (gpu.sh runs them on CUDA). The pass served
+    is exact across a checkpoint, provenance included."""
+
+    def loader():
+        stream = actvpipe.stream(model_dir, texts[:10], context_length=CTX, generation_batch_size=4)
+        return stream.buffer(2000).batch(100, with_tokens=True, device="cpu")
+
+    batches, _ = resumed_run(loader, 3)
+    assert all(b.acts.device.type == "cpu" == b.seq.device.type for b in batches)
+    assert_exact_batches(batches, reference_pass(model_dir, texts[:10], CTX), CTX)
+
+
+def test_batch_device_is_checked_before_any_work(model_dir, texts):
+    buffered = actvpipe.stream(model_dir, texts[:2], context_length=CTX).buffer(1000)
+    bad = {"meta": "not supported", "nonsense": "not a device", "cuda:99": "CUDA"}
+    if not torch.cuda.is_available():
+        bad["cuda"] = "CUDA is not available here; pass device='cpu'"
+    for device, words in bad.items():
+        with pytest.raises(ValueError, match=re.escape(words)):
+            buffered.batch(10, device=device)

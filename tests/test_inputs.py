@@ -8,11 +8,13 @@ import pickle
 import time
 
 import datasets
+import numpy as np
 import pytest
 import torch
 
 import actvpipe
 from actvpipe.documents import document_blocks, resolve_dataset
+from actvpipe.text import batch_encoder
 
 CTX = 32
 
@@ -44,12 +46,21 @@ def test_every_dataset_form_yields_the_same_documents(tmp_path, texts):
         "Dataset": (datasets.Dataset.from_dict({"text": docs}), "text", docs),
         "IterableDataset": (datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset(), "text", docs),
     }
+    def offsets(lines):
+        return [int(x) for x in np.cumsum([0, *(len(line.encode()) + 1 for line in lines[:-1])])]
+
+    records = {  # a local file's record is its address, file << 40 | byte offset (or row)
+        "jsonl": offsets([json.dumps({"body": t}) for t in docs]),
+        "txt": offsets(flat),
+        "directory": [k << 40 for k in range(len(docs))],
+    }
     for name, (dataset, column, expected) in forms.items():
         source = resolve_dataset(dataset, column)
         got = [d for block, _ in document_blocks(source, block_docs=4) for d in block]
-        assert got == list(enumerate(expected)), name
-        resumed = [d for block, _ in document_blocks(source, block_docs=4, start=2) for d in block]
-        assert resumed == list(enumerate(expected))[2:], name
+        assert [text for _, text in got] == expected, name
+        assert [record for record, _ in got] == records.get(name, list(range(len(docs)))), name
+        resumed = [d for block, _ in document_blocks(source, block_docs=4, start=got[2][0]) for d in block]
+        assert resumed == got[2:], name
 
 
 def test_stream_over_a_jsonl_file_serves_rows(tmp_path, model_dir, texts):
@@ -59,6 +70,20 @@ def test_stream_over_a_jsonl_file_serves_rows(tmp_path, model_dir, texts):
     )
     assert batch.acts.shape == (64, 2, 4, 64)
     assert torch.isfinite(batch.acts).all()
+
+
+def test_fast_batch_encoding_gives_the_tokenizer_call_s_ids(model_dir, texts):
+    """The packer's backend batch call returns what ``tokenizer(texts)`` returns, special-token
+    text, odd whitespace and non-ASCII included, and after a truncating call left its mark."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    odd = ["a <|endoftext|> b<|endoftext|>", "  two  spaces\t\r\n", "naïve 東京 🙂", "\n\n", "x" * 5000]
+    samples = [*texts, *odd]
+    expected = [list(ids) for ids in tokenizer(samples, add_special_tokens=False)["input_ids"]]
+    assert batch_encoder(tokenizer)(samples) == expected
+    tokenizer(samples, truncation=True, max_length=8)
+    assert batch_encoder(tokenizer)(samples) == expected
 
 
 def test_loaded_model_and_tokenizer_objects(model_dir, texts):

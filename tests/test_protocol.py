@@ -144,7 +144,7 @@ def test_the_serving_benchmark_drives_the_real_path():
 
     buffer, ledger = full_buffer(SIZE * 8, (1, 1, 2))
     try:
-        assert seconds_per_batch(buffer, ledger, 10, 0.05, reuse=True) > 0
+        assert seconds_per_batch(buffer, ledger, 10, 0.05, pooled=False) > 0
         assert sorted(locations(buffer, ledger, [[]])) == list(range(SIZE * 8))
         assert ledger.fill() == SIZE * 8
     finally:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from actvpipe.outputs import OutputPool
 from actvpipe.slots import remove_positions, sample_positions
-from actvpipe.text import pack_contexts
+from actvpipe.text import RankNumbering, pack_contexts
 
 BOS, EOS = 1000, 1001
 
@@ -88,3 +90,40 @@ def test_remove_positions_keeps_exactly_the_others_dense(n, data):
     remove_positions(slots, n, positions)
     kept = np.delete(before, positions)
     assert sorted(slots[: n - k].tolist()) == sorted(kept.tolist())
+
+
+@settings(max_examples=200)
+@given(st.integers(1, 6), st.integers(1, 9), st.integers(0, 40))
+def test_rank_numbering_gives_each_rank_its_own_blocks(world_size, block, n_local):
+    """Every rank's local context numbers map to distinct global ones (block ``b`` of rank ``r`` is
+    global block ``b * world_size + r``) and back; together the ranks' full blocks tile 0..N."""
+    numberings = [RankNumbering(r, world_size, block) for r in range(world_size)]
+    seen = []
+    for numbering in numberings:
+        mapped = [numbering.to_global(i) for i in range(n_local)]
+        assert [numbering.to_local(g) for g in mapped] == list(range(n_local))
+        assert all((g // block) % world_size == numbering.rank for g in mapped)
+        seen += mapped
+    assert len(set(seen)) == len(seen)
+    full = n_local // block * block
+    tiled = sorted(numbering.to_global(i) for numbering in numberings for i in range(full))
+    assert tiled == list(range(full * world_size))
+
+
+def test_output_pool_reuses_a_tensor_only_once_nothing_references_it():
+    holders = {
+        "the batch": lambda t: t,
+        "a slice": lambda t: t[2:5],
+        "a numpy array": lambda t: t.numpy(),
+        "a view of a view": lambda t: t.view(-1)[1:][::2],
+    }
+    for name, keep in holders.items():
+        pool = OutputPool((8, 3), torch.float32, capacity=4)
+        batch = pool.take(8)
+        address = batch.data_ptr()
+        held = keep(batch)
+        del batch
+        assert all(pool.take(8).data_ptr() != address for _ in range(3)), f"{name} still holds it"
+        del held
+        assert pool.take(8).data_ptr() == address, f"reused once {name} is gone"
+    assert pool.take(5).shape == (5, 3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import reference_contexts, reference_pass, reference_rows
@@ -44,17 +45,18 @@ def test_finite_pass_serves_each_documented_row_once(model_dir, texts, reference
 
 
 def test_plain_batches_are_the_same_multiset_of_rows(model_dir, texts):
-    """Without provenance, into reused tensors: match rows by value (identical prefixes give identical
+    """Without provenance, into pooled tensors: match rows by value (identical prefixes give identical
     rows, so by class)."""
     contexts = reference_contexts(model_dir, texts[:10], CTX)
     expected = reference_rows(model_dir, contexts)[:, 1:].reshape(len(contexts) * (CTX - 1), -1).double()
     stream = actvpipe.stream(model_dir, texts[:10], context_length=CTX, generation_batch_size=8)
     batches, pointers = [], []
-    with stream.buffer(1000).batch(100, reuse=True) as loader:
+    with stream.buffer(1000).batch(100) as loader:
         for batch in loader:
             pointers.append(batch.data_ptr())
             batches.append(batch.clone())
-    assert pointers[0] == pointers[2] != pointers[1] == pointers[3], "two preallocated tensors in turn"
+    # ``batch`` still holds the previous batch while the next is drawn, so two tensors take turns
+    assert pointers[0] == pointers[2] != pointers[1] == pointers[3], "a dropped batch's memory is reused"
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="pin_memory: needs CUDA"):
             stream.buffer(1000).batch(100, pin_memory=True)
@@ -68,6 +70,28 @@ def test_plain_batches_are_the_same_multiset_of_rows(model_dir, texts):
     cls = same.int().argmax(dim=1)  # first row equal to each row: its class
     served_per_class = torch.bincount(cls[nearest], minlength=len(expected))
     assert torch.equal(served_per_class, torch.bincount(cls, minlength=len(expected)))
+
+
+def test_a_batch_still_referenced_is_never_overwritten(model_dir, texts):
+    """Batches kept whole, kept only as a numpy view of a slice, or dropped: the kept ones keep their
+    values to the end of the pass, and the dropped ones' memory is reused."""
+    stream = actvpipe.stream(model_dir, texts[:20], context_length=CTX, generation_batch_size=8)
+    kept, views, copies, pointers = [], [], [], []
+    with stream.buffer(1000).batch(50) as loader:
+        for i, batch in enumerate(loader):
+            copies.append(batch.clone())
+            pointers.append(batch.data_ptr())
+            if i % 3 == 0:
+                kept.append((i, batch))
+            elif i % 3 == 1:
+                views.append((i, batch[10:20].numpy()))
+    assert len(copies) >= 12
+    for i, batch in kept:
+        assert torch.equal(batch, copies[i])
+    for i, view in views:
+        assert np.array_equal(view, copies[i][10:20].numpy())
+    dropped = range(2, len(pointers) - 2, 3)
+    assert all(pointers[i] in pointers[i + 1 :] for i in dropped), "a dropped batch's memory is reused"
 
 
 def test_drop_last_and_selected_layers(model_dir, texts, reference):
