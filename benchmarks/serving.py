@@ -3,9 +3,9 @@
 back through the slot rings and published) on a real shared buffer, in this process.
 
 - P2: GB/s of batches of 5000 GPT-2-small rows ([2, 12, 768] float32, 73.7 KB), gathered as the
-  loader does by default (into its ``OutputPool``) ÷ GB/s of a plain ``copy_`` of the same number of
-  bytes between two preallocated tensors, in the same run, sides alternated; and the same into a
-  fresh tensor per batch, for reference.
+  loader does by default (into its ``OutputPool``) ÷ GB/s of a plain one-thread ``copy_`` of the
+  same number of bytes between two preallocated tensors (the gather runs on one thread), in the
+  same run, sides alternated; and the same into a fresh tensor per batch, for reference.
 - P5: seconds per batch of 1024 small rows with 10 million buffered rows ÷ a plain one-thread
   ``index_select`` of 1024 random rows from the same 10M rows (the physical limit of a gather).
 
@@ -43,21 +43,25 @@ def full_buffer(size: int, row_shape: tuple[int, ...]) -> tuple[SharedRowBuffer,
 def seconds_per_batch(
     buffer: SharedRowBuffer, ledger: Ledger, batch: int, seconds: float, pooled: bool = True
 ) -> float:
-    """The serving path per batch, holding each batch until the next is drawn as a training loop
-    does: gathered into the loader's ``OutputPool`` (its default), or into a fresh tensor each time."""
+    """The training side's serving path per batch (draw, gather, remove, grant, publish), holding
+    each batch until the next is drawn as a training loop does: gathered into the loader's
+    ``OutputPool`` (its default), or into a fresh tensor each time. The refill the generator would
+    do (claim and push the granted slots) runs between batches, untimed."""
     rng = np.random.default_rng(0)
     pool = OutputPool((batch, *buffer.row_shape), buffer.dtype)
-    n, start, served = 0, time.perf_counter(), None
-    while time.perf_counter() - start < seconds:
+    n, timed, served = 0, 0.0, None
+    while timed < seconds:
+        start = time.perf_counter()
         draw = ledger.draw(batch, rng)
         served = buffer.gather(draw.slots, pool.take(batch) if pooled else None)
         ledger.remove(draw)
         ledger.grant()
-        buffer.push(buffer.claim(batch))  # the generator would refill them
         ledger.publish(0, batch)
+        timed += time.perf_counter() - start
+        buffer.push(buffer.claim(batch))  # the generator's part; published at the next batch
         n += 1
     del served
-    return (time.perf_counter() - start) / n
+    return timed / n
 
 
 def p2(quick: bool) -> tuple[float, float, float]:
@@ -68,11 +72,16 @@ def p2(quick: bool) -> tuple[float, float, float]:
     src, dst = torch.randn(batch, *GPT2_SMALL_ROW), torch.empty(batch, *GPT2_SMALL_ROW)
 
     def copy(seconds: float) -> float:
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            dst.copy_(src)
-            n += 1
-        return (time.perf_counter() - start) / n
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the serving path gathers on one thread
+        try:
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                dst.copy_(src)
+                n += 1
+            return (time.perf_counter() - start) / n
+        finally:
+            torch.set_num_threads(threads)
 
     sides = {
         "default": lambda t: seconds_per_batch(buffer, ledger, batch, t, pooled=True),
