@@ -15,6 +15,7 @@ Run: python -m benchmarks.serving [--quick]
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -64,6 +65,21 @@ def seconds_per_batch(
     return timed / n
 
 
+def one_thread_seconds(step: Callable[[], object], seconds: float) -> float:
+    """Seconds per call of ``step`` repeated for ``seconds`` on one torch thread, as the serving
+    path gathers on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            step()
+            n += 1
+        return (time.perf_counter() - start) / n
+    finally:
+        torch.set_num_threads(threads)
+
+
 def p2(quick: bool) -> tuple[float, float, float]:
     """(served GB/s by default, into a fresh tensor per batch, plain copy GB/s) at batch 5000; the
     three timed in the order default, fresh, copy, copy, fresh, default, after a warm-up of each."""
@@ -71,22 +87,10 @@ def p2(quick: bool) -> tuple[float, float, float]:
     buffer, ledger = full_buffer(size, GPT2_SMALL_ROW)
     src, dst = torch.randn(batch, *GPT2_SMALL_ROW), torch.empty(batch, *GPT2_SMALL_ROW)
 
-    def copy(seconds: float) -> float:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the serving path gathers on one thread
-        try:
-            n, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds:
-                dst.copy_(src)
-                n += 1
-            return (time.perf_counter() - start) / n
-        finally:
-            torch.set_num_threads(threads)
-
     sides = {
         "default": lambda t: seconds_per_batch(buffer, ledger, batch, t, pooled=True),
         "fresh": lambda t: seconds_per_batch(buffer, ledger, batch, t, pooled=False),
-        "copy": copy,
+        "copy": lambda t: one_thread_seconds(lambda: dst.copy_(src), t),
     }
     window = 1.5 if quick else 5.0
     try:
@@ -112,16 +116,9 @@ def p5(quick: bool) -> tuple[float, float]:
     rng = np.random.default_rng(1)
 
     def plain(seconds: float) -> float:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the serving path gathers on one thread
-        try:
-            n, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds:
-                torch.index_select(rows, 0, torch.from_numpy(rng.integers(0, size, batch)))
-                n += 1
-            return (time.perf_counter() - start) / n
-        finally:
-            torch.set_num_threads(threads)
+        return one_thread_seconds(
+            lambda: torch.index_select(rows, 0, torch.from_numpy(rng.integers(0, size, batch))), seconds
+        )
 
     def ours(seconds: float) -> float:
         return seconds_per_batch(buffer, ledger, batch, seconds)
