@@ -6,19 +6,12 @@ import numpy as np
 
 
 def sample_positions(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
-    """``min(k, n)`` distinct positions drawn uniformly from ``range(n)``, in random order, in O(k).
-
-    Draws with replacement and keeps the distinct values (a uniformly random subset by symmetry),
-    topping up until there are enough; when ``k`` is over half of ``n``, ``n`` is O(k) anyway.
-    """
+    """``min(k, n)`` distinct positions drawn uniformly from ``range(n)``, in random order, in O(k):
+    numpy's sampling without replacement uses a hash set when ``k`` is small next to ``n`` and a
+    partial shuffle otherwise (then ``n`` is O(k))."""
     if k <= 0:
         return np.zeros(0, dtype=np.int64)
-    if 2 * k > n:
-        return rng.permutation(n)[:k]
-    picked = np.unique(rng.integers(0, n, size=k + k // 8 + 8))
-    while len(picked) < k:
-        picked = np.unique(np.concatenate([picked, rng.integers(0, n, size=k - len(picked) + 8)]))
-    return rng.permutation(picked)[:k]
+    return rng.choice(n, min(k, n), replace=False).astype(np.int64, copy=False)
 
 
 def remove_positions(slots: np.ndarray, n: int, positions: np.ndarray) -> None:
