@@ -24,7 +24,7 @@ import torch
 import actvpipe
 from actvpipe.hdf5 import META_DATASETS, Hdf5RowWriter
 from actvpipe.records import RowBlock
-from benchmarks.common import Result, cli
+from benchmarks.common import Result, cli, warm_memory
 
 ROW = (2, 12, 768)
 
@@ -68,14 +68,6 @@ def write_rates(path: Path, data: list[RowBlock]) -> tuple[float, float]:
         seconds[side] += side()
     path.with_suffix(".bin").unlink()
     return 2 * rows / seconds[ours], 2 * rows / seconds[plain]
-
-
-def warm_memory(nbytes: int) -> None:
-    """Touch and free ``nbytes`` of memory so both sides get RAM the machine has handed out before.
-
-    On a VM that backs guest memory lazily, the first touch of never-used RAM costs several times a
-    copy; without this, whichever side runs on fresh RAM loses, whatever its code does."""
-    np.ones(nbytes, dtype=np.uint8)
 
 
 def read_rates(path: Path, rows: int) -> tuple[float, float]:
