@@ -115,3 +115,27 @@ def warm_memory(nbytes: int) -> None:
     On a VM that backs guest memory lazily, the first touch of never-used RAM costs several times a
     copy; without this, whichever side runs on fresh RAM loses, whatever its code does."""
     np.ones(nbytes, dtype=np.uint8)
+
+
+def computed_rows_per_s(loader, it, seconds: float) -> float:
+    """Rows/s the generator computed inside a window of ``seconds`` while ``it`` is drained: rows
+    written between the first and the last block finished in the window, over that time."""
+    finished, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        next(it)
+        written = loader.counters()["written"]
+        if not finished or written != finished[-1][1]:
+            finished.append((time.perf_counter(), written))
+    if len(finished) < 3:
+        raise RuntimeError("fewer than two blocks finished in a window; lengthen the window")
+    (t0, w0), (t1, w1) = finished[1], finished[-1]  # finished[0]: the window's own start
+    return (w1 - w0) / (t1 - t0)
+
+
+def wait_until_idle(loader) -> None:
+    """Until the generator blocks on a full buffer, so it takes no CPU from the other side."""
+    while True:
+        before = loader.counters()["written"]
+        time.sleep(0.5)
+        if loader.counters()["written"] == before:
+            return

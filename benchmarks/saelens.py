@@ -27,7 +27,14 @@ import torch
 
 import actvpipe
 from actvpipe.demo import corpus_texts
-from benchmarks.common import Result, bare_forward_tokens_per_s, build_gpt2, cli
+from benchmarks.common import (
+    Result,
+    bare_forward_tokens_per_s,
+    build_gpt2,
+    cli,
+    computed_rows_per_s,
+    wait_until_idle,
+)
 
 N_LAYER, D_MODEL, HEADS = 4, 256, 4
 CONTEXT, FORWARD_BATCH, BATCH = 128, 16, 1024
@@ -96,28 +103,6 @@ def saelens_rate(batches: Iterator[int], seconds: float) -> float:
     return rows / (time.perf_counter() - start)
 
 
-def actvpipe_rate(loader, it, seconds: float) -> float:
-    """Rows/s the generator computed inside a window of ``seconds`` while ``it`` is drained: rows
-    written between the first and the last block finished in the window, over that time."""
-    finished, start = [], time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        next(it)
-        written = loader.counters()["written"]
-        if not finished or written != finished[-1][1]:
-            finished.append((time.perf_counter(), written))
-    (t0, w0), (t1, w1) = finished[1], finished[-1]
-    return (w1 - w0) / (t1 - t0)
-
-
-def wait_until_idle(loader) -> None:
-    """Until the generator blocks on a full buffer, so it takes no CPU from the other side."""
-    while True:
-        before = loader.counters()["written"]
-        time.sleep(0.5)
-        if loader.counters()["written"] == before:
-            return
-
-
 def results(quick: bool) -> list[Result]:
     name = f"vs SAELens multi-hook ActivationsStore, GPT-2 arch. {N_LAYER}L d{D_MODEL}, ctx {CONTEXT}"
     if importlib.util.find_spec("sae_lens") is None:
@@ -144,7 +129,7 @@ def results(quick: bool) -> list[Result]:
                 for side in ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours"):
                     wait_until_idle(loader)
                     if side == "ours":
-                        rates["ours"].append(actvpipe_rate(loader, it, window))
+                        rates["ours"].append(computed_rows_per_s(loader, it, window))
                     else:
                         rates["theirs"].append(saelens_rate(theirs, window))
             wait_until_idle(loader)

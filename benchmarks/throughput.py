@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import shutil
 import statistics
-import time
 
 import actvpipe
 from actvpipe.demo import corpus_texts
-from benchmarks.common import Result, bare_forward_tokens_per_s, build_gpt2, cli
+from benchmarks.common import (
+    Result,
+    bare_forward_tokens_per_s,
+    build_gpt2,
+    cli,
+    computed_rows_per_s,
+    wait_until_idle,
+)
 
 
 def paired_ratios(
@@ -40,25 +46,11 @@ def paired_ratios(
             next(it)
 
         def bare() -> float:
-            while True:  # wait for the generator to block on a full buffer
-                before = loader.counters()["written"]
-                time.sleep(0.5)
-                if loader.counters()["written"] == before:
-                    break
+            wait_until_idle(loader)
             return bare_forward_tokens_per_s(model_dir, gen_batch, context, window)
 
         def streaming() -> float:
-            finished = []  # (time, rows written) whenever a block lands
-            start = time.perf_counter()
-            while time.perf_counter() - start < window:
-                next(it)
-                written = loader.counters()["written"]
-                if not finished or written != finished[-1][1]:
-                    finished.append((time.perf_counter(), written))
-            if len(finished) < 3:
-                raise RuntimeError("fewer than two blocks finished in a window; lengthen the window")
-            (t0, w0), (t1, w1) = finished[1], finished[-1]  # finished[0]: the window's own start
-            return (w1 - w0) / (t1 - t0)
+            return computed_rows_per_s(loader, it, window)
 
         for r in range(rounds):
             order = (bare, streaming) if r % 2 == 0 else (streaming, bare)
