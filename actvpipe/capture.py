@@ -18,6 +18,8 @@ from actvpipe.records import ContextBlock, RowBlock
 # Capture points in the order a forward reaches them within one transformer block.
 CAPTURE_POINTS: dict[str, str] = {
     "resid_pre": "input of the transformer block",
+    "attn_out": "output of the attention sublayer as added to the residual stream (after the "
+    "post-attention norm where the architecture has one)",
     "resid_mid": "input of the layer norm feeding the MLP (the block input with parallel residual)",
     "mlp_in": "input of the MLP module, after that layer norm",
     "mlp_out": "output of the MLP module",
@@ -25,48 +27,63 @@ CAPTURE_POINTS: dict[str, str] = {
 }
 DEFAULT_CAPTURE = ("resid_mid", "mlp_out")
 
-# model_type -> (the layer norm feeding the MLP, the MLP), relative to model.base_model, {i} the
-# layer. The block is the MLP's parent module.
-CAPTURE_MODULES: dict[str, tuple[str, str]] = {
-    "gpt2": ("h.{i}.ln_2", "h.{i}.mlp"),
-    "gpt_neox": ("layers.{i}.post_attention_layernorm", "layers.{i}.mlp"),
-    "llama": ("layers.{i}.post_attention_layernorm", "layers.{i}.mlp"),
-    "mistral": ("layers.{i}.post_attention_layernorm", "layers.{i}.mlp"),
-    "qwen2": ("layers.{i}.post_attention_layernorm", "layers.{i}.mlp"),
-    "gemma": ("layers.{i}.post_attention_layernorm", "layers.{i}.mlp"),
-    "gemma2": ("layers.{i}.pre_feedforward_layernorm", "layers.{i}.mlp"),
-    "gemma3_text": ("layers.{i}.pre_feedforward_layernorm", "layers.{i}.mlp"),
+# model_type -> (the layer norm feeding the MLP, the MLP, the module whose output is the attention
+# sublayer's contribution to the residual stream), relative to model.base_model, {i} the layer. The
+# block is the MLP's parent module.
+CAPTURE_MODULES: dict[str, tuple[str, str, str]] = {
+    "gpt2": ("h.{i}.ln_2", "h.{i}.mlp", "h.{i}.attn"),
+    "gpt_neox": ("layers.{i}.post_attention_layernorm", "layers.{i}.mlp", "layers.{i}.attention"),
+    "llama": ("layers.{i}.post_attention_layernorm", "layers.{i}.mlp", "layers.{i}.self_attn"),
+    "mistral": ("layers.{i}.post_attention_layernorm", "layers.{i}.mlp", "layers.{i}.self_attn"),
+    "qwen2": ("layers.{i}.post_attention_layernorm", "layers.{i}.mlp", "layers.{i}.self_attn"),
+    "gemma": ("layers.{i}.post_attention_layernorm", "layers.{i}.mlp", "layers.{i}.self_attn"),
+    "gemma2": (
+        "layers.{i}.pre_feedforward_layernorm",
+        "layers.{i}.mlp",
+        "layers.{i}.post_attention_layernorm",
+    ),
+    "gemma3_text": (
+        "layers.{i}.pre_feedforward_layernorm",
+        "layers.{i}.mlp",
+        "layers.{i}.post_attention_layernorm",
+    ),
 }
 
 
-def check_capture(capture: Sequence[str]) -> tuple[str, str]:
-    """Two distinct capture points; the row's ``2`` axis follows their order."""
+def check_capture(capture: Sequence[str]) -> tuple[str, ...]:
+    """One or more distinct capture points; the row's capture axis follows their order."""
     capture = tuple(capture) if not isinstance(capture, str) else (capture,)
     bad = [c for c in capture if c not in CAPTURE_POINTS]
-    if len(capture) != 2 or bad or capture[0] == capture[1]:
+    if not capture or bad or len(set(capture)) != len(capture):
         raise ValueError(
-            f"capture: expected two distinct points of {list(CAPTURE_POINTS)}, got {capture!r}; "
+            f"capture: expected one or more distinct points of {list(CAPTURE_POINTS)}, got {capture!r}; "
             f"the default is {DEFAULT_CAPTURE}"
         )
     return capture
 
 
 def describe_capture(capture: Sequence[str]) -> str:
-    """The definition of a capture pair, as recorded in HDF5 files."""
+    """The definition of a list of capture points, as recorded in HDF5 files."""
     return "; ".join(f"{point}: {CAPTURE_POINTS[point]}" for point in capture)
 
 
-def capture_modules(model_type: str, modules: tuple[str, str] | None = None) -> tuple[str, str]:
-    """The (layer norm feeding the MLP, MLP) path templates: ``modules`` when given, else the table's."""
+def capture_points(description: str) -> list[str]:
+    """The capture points named in a description written by ``describe_capture``."""
+    return [part.split(":", 1)[0] for part in description.split("; ")]
+
+
+def capture_modules(model_type: str, modules: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The (norm feeding the MLP, MLP[, attention output]) path templates: ``modules`` when given,
+    else the table's."""
     if modules is not None:
         if (
             isinstance(modules, str)
-            or len(modules) != 2
+            or len(modules) not in (2, 3)
             or not all(isinstance(m, str) and "{i}" in m for m in modules)
         ):
             raise ValueError(
-                "modules: expected two path templates with {i}, (norm feeding the MLP, MLP), e.g. "
-                f"{OVERRIDE_EXAMPLE!r}; got {modules!r}"
+                "modules: expected two or three path templates with {i}, (norm feeding the MLP, MLP"
+                f"[, attention output]), e.g. {OVERRIDE_EXAMPLE!r}; got {modules!r}"
             )
         return tuple(modules)
     try:
@@ -78,7 +95,11 @@ def capture_modules(model_type: str, modules: tuple[str, str] | None = None) -> 
         ) from None
 
 
-OVERRIDE_EXAMPLE = ("model.layers.{i}.post_attention_layernorm", "model.layers.{i}.mlp")
+OVERRIDE_EXAMPLE = (
+    "model.layers.{i}.post_attention_layernorm",
+    "model.layers.{i}.mlp",
+    "model.layers.{i}.self_attn",
+)
 
 
 def find_module(model: nn.Module, template: str, i: int) -> nn.Module:
@@ -116,28 +137,33 @@ class ActivationCapture:
         layers: Sequence[int],
         first_pos: int,
         capture: Sequence[str] = DEFAULT_CAPTURE,
-        modules: tuple[str, str] | None = None,
+        modules: Sequence[str] | None = None,
     ):
         self.model = model
         self.layers = list(layers)
         self.first_pos = first_pos
-        capture = check_capture(capture)
-        norm_tpl, mlp_tpl = capture_modules(model.config.model_type, modules)
+        self.capture = check_capture(capture)
+        templates = capture_modules(model.config.model_type, modules)
+        if "attn_out" in self.capture and len(templates) < 3:
+            raise ValueError(
+                "modules: capturing attn_out needs a third template, the module whose output is the "
+                f"attention sublayer's contribution to the residual stream, e.g. {OVERRIDE_EXAMPLE!r}"
+            )
         order = list(CAPTURE_POINTS)
-        last_point = max(capture, key=order.index)
+        last_point = max(self.capture, key=order.index)
         self._handles = []
         for j, layer in enumerate(self.layers):
-            mlp = find_module(model, mlp_tpl, layer)
-            block = find_module(model, mlp_tpl.rsplit(".", 1)[0], layer)
-            norm = find_module(model, norm_tpl, layer)
-            for side, point in enumerate(capture):
+            norm, mlp, *attn = (find_module(model, t, layer) for t in templates)
+            block = find_module(model, templates[1].rsplit(".", 1)[0], layer)
+            inputs = {"resid_pre": block, "resid_mid": norm, "mlp_in": mlp}
+            outputs = {"mlp_out": mlp, "resid_post": block, "attn_out": attn[0] if attn else None}
+            for side, point in enumerate(self.capture):
                 stop = j == len(self.layers) - 1 and point == last_point
                 save = self._saver(side, j, stop)
-                if point in ("resid_pre", "resid_mid", "mlp_in"):
-                    module = {"resid_pre": block, "resid_mid": norm, "mlp_in": mlp}[point]
-                    hook = module.register_forward_pre_hook(_input_hook(save), with_kwargs=True)
+                if point in inputs:
+                    hook = inputs[point].register_forward_pre_hook(_input_hook(save), with_kwargs=True)
                 else:
-                    hook = (mlp if point == "mlp_out" else block).register_forward_hook(_output_hook(save))
+                    hook = outputs[point].register_forward_hook(_output_hook(save))
                 self._handles.append(hook)
         self._stage: torch.Tensor | None = None
 
@@ -151,19 +177,21 @@ class ActivationCapture:
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Rows ``[batch * (ctx - first_pos), 2, n_layers, d_model]`` for contexts ``tokens [batch, ctx]``.
+        """Rows ``[batch * (ctx - first_pos), k, n_layers, d_model]`` (k capture points) for contexts
+        ``tokens [batch, ctx]``.
 
         The result is a view of a staging tensor reused by the next call: copy it out first.
         """
         batch, ctx = tokens.shape
         d_model = self.model.config.get_text_config().hidden_size
-        shape = (batch, ctx - self.first_pos, 2, len(self.layers), d_model)
+        k = len(self.capture)
+        shape = (batch, ctx - self.first_pos, k, len(self.layers), d_model)
         dtype = next(self.model.parameters()).dtype
         if self._stage is None or self._stage.shape != shape or self._stage.device != tokens.device:
             self._stage = torch.empty(shape, dtype=dtype, device=tokens.device)
         with contextlib.suppress(_StopForward):
             self.model(input_ids=tokens, use_cache=False)
-        return self._stage.view(-1, 2, len(self.layers), d_model)
+        return self._stage.view(-1, k, len(self.layers), d_model)
 
     def remove(self) -> None:
         for handle in self._handles:

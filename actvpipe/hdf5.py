@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torchdata.nodes import BaseNode
 
-from actvpipe.capture import DEFAULT_CAPTURE, describe_capture
+from actvpipe.capture import DEFAULT_CAPTURE, capture_points, describe_capture
 from actvpipe.records import FileRange, RowBlock
 from actvpipe.stats import ActivationStats
 
@@ -129,8 +129,8 @@ class Hdf5RowWriter:
         self.acts.id.write_direct_chunk((row, *[0] * (rows.ndim - 1)), np.ascontiguousarray(rows))
 
     def write_stats(self, stats: ActivationStats) -> None:
-        """Statistics of the rows written, as datasets ``stats/mean``, ``stats/std`` ``[2, n_layers,
-        d_model]`` and ``stats/mean_norm`` ``[2, n_layers]`` with attribute ``rows`` (too large for
+        """Statistics of the rows written, as datasets ``stats/mean``, ``stats/std`` ``[k, n_layers,
+        d_model]`` and ``stats/mean_norm`` ``[k, n_layers]`` with attribute ``rows`` (too large for
         attributes, which HDF5 limits to 64 KiB)."""
         group = self.file.create_group("stats")
         group.attrs["rows"] = stats.rows
@@ -161,7 +161,11 @@ class Hdf5File:
 
     @property
     def row_shape(self) -> tuple[int, int, int]:
-        return (2, len(self.attrs["layers"]), int(self.attrs["d_model"]))
+        return (len(self.capture), len(self.attrs["layers"]), int(self.attrs["d_model"]))
+
+    @property
+    def capture(self) -> list[str]:
+        return capture_points(self.attrs["capture"])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -222,12 +226,17 @@ def check_matching(files: Sequence[Hdf5File], expected: dict[str, Any], what: st
     """Every file must match ``expected`` (attributes of the first file, or of a live stream)."""
     for file in files:
         diffs = [
-            f"{k}: {file.attrs.get(k)!r} vs {expected.get(k)!r}"
+            f"{k}: {_shown(k, file.attrs.get(k))} vs {_shown(k, expected.get(k))}"
             for k in MATCHED_ATTRS
             if k in expected and file.attrs.get(k) != expected[k]
         ]
         if diffs:
             raise ValueError(f"hdf5: {file.path!r} does not match {what}: {'; '.join(diffs)}")
+
+
+def _shown(key: str, value: Any) -> str:
+    """An attribute in an error message: capture descriptions as their list of points."""
+    return repr(capture_points(value) if key == "capture" and isinstance(value, str) else value)
 
 
 def _plain(value: Any) -> Any:

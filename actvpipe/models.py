@@ -122,8 +122,8 @@ def check_capture_modules(
     source: ModelSource,
     config: PretrainedConfig,
     layers: Sequence[int],
-    capture: tuple[str, str],
-    modules: tuple[str, str] | None,
+    capture: tuple[str, ...],
+    modules: tuple[str, ...] | None,
 ) -> None:
     """Resolve every hooked module on a weightless (meta-device) copy of the model, so a wrong
     ``modules=`` template or an unknown architecture fails before any process starts."""

@@ -39,7 +39,7 @@ class FileRange:
 
 @dataclass
 class RowBlock:
-    """Rows ``[n, 2, n_layers, d_model]`` with per-row ``meta``: ``row_id`` (position in the pass's
+    """Rows ``[n, k, n_layers, d_model]`` with per-row ``meta``: ``row_id`` (position in the pass's
     generation order), ``seq``, ``pos``, ``token_ids``, and the start ``block_seq``/``block_record``/
     ``block_offset`` of the block that produced it. ``next_block`` says where the following block
     starts, when the producer can restart there. A block read from disk has no ``rows`` tensor but

@@ -33,8 +33,8 @@ class StreamSpec:
     dataset: DatasetSource
     context_length: int
     layers: tuple[int, ...]
-    capture: tuple[str, str]
-    modules: tuple[str, str] | None
+    capture: tuple[str, ...]
+    modules: tuple[str, ...] | None
     d_model: int = field(metadata={"restore": False})  # read from the model, not an option
     generation_batch_size: int = field(metadata=PASS_ONLY)
     dtype: torch.dtype = field(metadata=PASS_ONLY)  # the buffer's; a file records its own
@@ -61,7 +61,7 @@ class StreamSpec:
 
     @property
     def row_shape(self) -> tuple[int, int, int]:
-        return (2, len(self.layers), self.d_model)
+        return (len(self.capture), len(self.layers), self.d_model)
 
     def rows_graph(self, plan, fill=None, report=None):
         """Load model and tokenizer (in the generator process) and build text -> rows per ``plan``;

@@ -13,7 +13,7 @@ NORMALIZATIONS = ("sqrt_d", "standardize")
 
 
 class Welford:
-    """Running mean and sum of squared deviations per element of ``[2, n_layers, d_model]``, in float64.
+    """Running mean and sum of squared deviations per element of ``[k, n_layers, d_model]``, in float64.
 
     Blocks are merged with Chan et al.'s pairwise update, which is exact and stable for any block sizes.
     """
@@ -25,7 +25,7 @@ class Welford:
         self.norm_sum: torch.Tensor | None = None
 
     def update(self, rows: torch.Tensor) -> None:
-        """Add rows ``[n, 2, n_layers, d_model]``."""
+        """Add rows ``[n, k, n_layers, d_model]``."""
         if len(rows) == 0:
             return
         rows = rows.to(torch.float64)
@@ -56,8 +56,8 @@ class Welford:
 
 @dataclass(frozen=True)
 class ActivationStats:
-    """Statistics of ``rows`` rows: ``mean`` and ``std`` (population) ``[2, n_layers, d_model]``, and
-    ``mean_norm`` ``[2, n_layers]``, the mean L2 norm of a row's vector at each side and layer."""
+    """Statistics of ``rows`` rows: ``mean`` and ``std`` (population) ``[k, n_layers, d_model]``, and
+    ``mean_norm`` ``[k, n_layers]``, the mean L2 norm of a row's vector at each side and layer."""
 
     rows: int
     mean: torch.Tensor
@@ -87,7 +87,7 @@ class ActivationStats:
 
 @dataclass(frozen=True)
 class Normalization:
-    """``x -> (x - shift) * scale``, broadcast over ``[batch, 2, n_layers, d_model]``.
+    """``x -> (x - shift) * scale``, broadcast over ``[batch, k, n_layers, d_model]``.
 
     ``sqrt_d`` scales each side and layer so its mean norm is ``sqrt(d_model)`` (no shift);
     ``standardize`` subtracts the mean and divides by the std per element. A trained dictionary folds

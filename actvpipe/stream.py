@@ -51,7 +51,7 @@ def stream(
     context_length: int = 1024,
     layers: Sequence[int] | None = None,
     capture: Sequence[str] = DEFAULT_CAPTURE,
-    modules: tuple[str, str] | None = None,
+    modules: Sequence[str] | None = None,
     generation_batch_size: int = 32,
     dtype: torch.dtype = torch.float32,
     model_dtype: torch.dtype | None = None,
@@ -65,7 +65,8 @@ def stream(
     world_size: int | None = None,
     deterministic: bool = False,
 ) -> ActivationStream:
-    """Describe a stream of MLP-in/MLP-out activations of ``model`` over ``dataset``.
+    """Describe a stream of ``model``'s activations over ``dataset``: rows ``[k, n_layers, d_model]``
+    of the ``capture`` points (default MLP in and out, k = 2).
 
     Everything is checked here, before any process starts: the model's config and tokenizer load,
     the dataset exists and has ``text_column``, and the shapes fit the model. ``dtype`` is the
@@ -282,7 +283,7 @@ class BufferedStream:
 
 
 class ActivationLoader:
-    """Iterable of batches ``[batch, 2, n_layers, d_model]``, driven by a ``torchdata.nodes.Loader``.
+    """Iterable of batches ``[batch, k, n_layers, d_model]``, driven by a ``torchdata.nodes.Loader``.
 
     ``start()`` launches the generator and returns at once; iterating starts it implicitly; each new
     iteration after a finished pass starts a new pass. ``close()`` (or leaving a ``with`` block)
