@@ -12,33 +12,11 @@ import torch
 from torchdata.nodes import Loader
 from tqdm import tqdm
 
-from actvpipe.capture import describe_capture
 from actvpipe.hdf5 import Hdf5Rows, Hdf5RowWriter, from_storage, storage_dtype
 from actvpipe.records import RowBlock
 from actvpipe.resume import ResumePlan
 from actvpipe.spec import Hdf5Spec, StreamSpec
 from actvpipe.stats import ActivationStats, Welford
-
-PACKING_DESCRIPTIONS = {
-    "concat": "concat: documents + EOS, chunks of context_length - 1, BOS prepended",
-    "truncate": "truncate: one document per context: BOS + document + EOS, cut to context_length",
-}
-
-
-def cache_attrs(spec: StreamSpec) -> dict:
-    """What the file records about how its rows were made: the stream's options (``StreamSpec``
-    fields recorded in files), with capture points and packing spelled out."""
-    from actvpipe import __version__
-
-    tokenizer = spec.model.tokenizer
-    return {
-        **{k: v for k, v in spec.options("file").items() if v is not None},
-        "capture": describe_capture(spec.capture),
-        "packing": PACKING_DESCRIPTIONS[spec.packing],
-        "config_hash": spec.model.config_hash,
-        "tokenizer": tokenizer if isinstance(tokenizer, str) else type(tokenizer).__name__,
-        "actvpipe_version": __version__,
-    }
 
 
 def pass_blocks(spec: StreamSpec | Hdf5Spec, max_rows: int | None = None) -> Iterator[tuple[RowBlock, int]]:
@@ -84,16 +62,13 @@ def write_cache(
     if max_rows is not None and (not isinstance(max_rows, int) or max_rows <= 0):
         raise ValueError(f"max_rows: expected a positive integer or None, got {max_rows!r}")
     dtype = dtype or spec.dtype
-    writer = Hdf5RowWriter(path, spec.row_shape, dtype, cache_attrs(spec))
-    welford = Welford()
+    writer = Hdf5RowWriter(path, spec.row_shape, dtype, spec.file_attrs())
     try:
         bar = tqdm(total=max_rows, unit="rows", unit_scale=True, disable=not progress, desc="actvpipe cache")
         with bar:
             for block, take in pass_blocks(spec, max_rows):
                 bar.update(writer.write(block, take))
-                welford.update(block.rows[:take].to(dtype))
-        writer.write_stats(welford.result())
+        return writer.finish()
     except BaseException:
         writer.abort()
         raise
-    return writer.finish()

@@ -15,7 +15,9 @@ def demo(args: argparse.Namespace) -> None:
 
     stream = actvpipe.demo_stream()
     rows = 0
-    buffered = stream.buffer(args.buffer, log_dir=args.log_dir, progress=True, refresh_interval=0.2)
+    buffered = stream.buffer(
+        args.buffer, log_dir=args.log_dir, progress=True, refresh_interval=0.2, write_hdf5=args.write_hdf5
+    )
     with buffered.batch(args.batch_size) as loader:
         start = time.perf_counter()
         for step, batch in enumerate(loader, 1):
@@ -28,6 +30,12 @@ def demo(args: argparse.Namespace) -> None:
                 break
         elapsed = time.perf_counter() - start
     print(f"served {rows:,} rows in {elapsed:.1f}s ({rows / elapsed:,.0f} rows/s, generator start included)")
+    if args.write_hdf5:
+        from actvpipe.hdf5 import open_cache_file
+
+        file = open_cache_file(buffered.spec.write_hdf5)
+        state = "complete" if file.complete else "incomplete: run the same command again to continue it"
+        print(f"cached {file.rows:,} rows in {file.path} ({state}); read it with actvpipe.from_hdf5")
 
 
 def _stream(args: argparse.Namespace):
@@ -116,10 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actvpipe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("demo", help=demo.__doc__, description=demo.__doc__)
-    p.add_argument("--steps", type=int, default=20, help="number of batches to serve (default 20)")
+    p.add_argument("--steps", type=int, default=20, help="batches to serve (default 20; 0: the whole pass)")
     p.add_argument("--batch-size", type=int, default=512, help="rows per batch (default 512)")
     p.add_argument("--buffer", type=int, default=16_384, help="shuffle buffer size in rows (default 16384)")
     p.add_argument("--log-dir", default=None, help="write TensorBoard scalars to this directory")
+    p.add_argument("--write-hdf5", default=None, metavar="PATH", help="also cache the rows generated to PATH")
     p.set_defaults(run=demo)
 
     p = commands.add_parser("bench", help=bench.__doc__, description=bench.__doc__)

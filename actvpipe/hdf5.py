@@ -3,12 +3,14 @@
 A file holds ``activations [N, 2, n_layers, d_model]`` (chunked by several MiB, uncompressed),
 ``token_ids``, ``seq`` and ``pos`` ``[N]``, and attributes describing how the rows were made.
 float32 and float16 are stored natively; bfloat16 as its raw 16 bits (``uint16``) with
-``storage = "bfloat16-as-uint16"``. Files are written under a temporary name and renamed when
-complete, so a file that exists is whole.
+``storage = "bfloat16-as-uint16"``. ``to_hdf5`` writes under a temporary name and renames the file
+when complete; a write-through cache is written in place in HDF5's SWMR mode, which keeps the file
+valid whenever the writer dies, with ``complete = False`` and ``row_count`` the rows committed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import glob
 import os
@@ -24,7 +26,7 @@ from torchdata.nodes import BaseNode
 
 from actvpipe.capture import DEFAULT_CAPTURE, capture_points, describe_capture
 from actvpipe.records import FileRange, RowBlock
-from actvpipe.stats import ActivationStats
+from actvpipe.stats import ActivationStats, Welford
 
 FORMAT = "actvpipe-activations/1"
 CHUNK_BYTES = 4 << 20
@@ -61,41 +63,78 @@ def from_storage(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 
 class Hdf5RowWriter:
-    """Appends row blocks to a new file under a temporary name; ``finish()`` renames it into place.
+    """Appends row blocks to a new file; ``finish()`` adds the statistics and marks it complete.
 
     Activations go to disk a whole chunk at a time with ``write_direct_chunk`` (no hyperslab
-    selection, no read-modify-write of a chunk split between blocks); a partial chunk waits in memory.
+    selection, no read-modify-write of a chunk split between blocks). By default the file is written
+    under a temporary name, renamed into place by ``finish()``, and a partial chunk waits in memory.
+    With ``durable=True`` it is written in place in SWMR mode and every ``write`` commits: the partial
+    chunk is written too, the file flushed, then ``row_count`` moved on, so a writer killed at any
+    instant leaves a valid file holding every committed row (``continue_file`` resumes it).
     """
 
-    def __init__(self, path: str | os.PathLike, row_shape: tuple[int, ...], dtype: torch.dtype, attrs: dict):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        row_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        attrs: dict,
+        durable: bool = False,
+    ):
         self.path = Path(path)
-        self.dtype = dtype
-        self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
-        self.file = h5py.File(self.tmp, "w")
+        self.tmp = self.path if durable else self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
+        file = h5py.File(self.tmp, "w", libver="latest" if durable else None)
         stored = storage_dtype(dtype)
-        self.chunk_rows = max(1, -(-CHUNK_BYTES // (int(np.prod(row_shape)) * stored.itemsize)))
-        self.acts = self.file.create_dataset(
+        chunk_rows = max(1, -(-CHUNK_BYTES // (int(np.prod(row_shape)) * stored.itemsize)))
+        file.create_dataset(
             "activations",
             (0, *row_shape),
             stored,
             maxshape=(None, *row_shape),
-            chunks=(self.chunk_rows, *row_shape),
+            chunks=(chunk_rows, *row_shape),
         )
-        self.meta = {
-            k: self.file.create_dataset(k, (0,), np.int64, maxshape=(None,), chunks=(self.chunk_rows,))
-            for k in META_DATASETS
-        }
+        for k in META_DATASETS:
+            file.create_dataset(k, (0,), np.int64, maxshape=(None,), chunks=(chunk_rows,))
         attrs = {
             "capture": describe_capture(DEFAULT_CAPTURE),
             **attrs,
             "format": FORMAT,
             "dtype": dtype_name(dtype),
+            "row_count": 0,
+            "complete": False,
         }
         attrs["storage"] = BF16_STORAGE if dtype == torch.bfloat16 else "native"
-        self.file.attrs.update(attrs)
-        self.rows = 0
-        self._partial = np.zeros((self.chunk_rows, *row_shape), stored)
-        self._in_partial = 0
+        file.attrs.update(attrs)
+        self._attach(file, dtype, 0, durable)
+
+    @classmethod
+    def continue_file(cls, path: str | os.PathLike) -> Hdf5RowWriter:
+        """Reopen an incomplete durable file (left by a writer that stopped or died) after its last
+        committed row."""
+        writer = cls.__new__(cls)
+        writer.path = writer.tmp = Path(path)
+        file = _open_for_append(writer.path)
+        writer._attach(file, getattr(torch, file.attrs["dtype"]), int(file.attrs["row_count"]), True)
+        first = writer.rows - writer._in_partial
+        writer._partial[: writer._in_partial] = writer.acts[first : writer.rows]
+        return writer
+
+    def _attach(self, file: h5py.File, dtype: torch.dtype, rows: int, durable: bool) -> None:
+        self.file, self.dtype, self.rows, self.durable = file, dtype, rows, durable
+        self.acts = file["activations"]
+        self.meta = {k: file[k] for k in META_DATASETS}
+        self.chunk_rows = self.acts.chunks[0]
+        self._partial = np.zeros((self.chunk_rows, *self.acts.shape[1:]), self.acts.dtype)
+        self._in_partial = rows % self.chunk_rows
+        if durable:
+            file.swmr_mode = True
+
+    @property
+    def last_row(self) -> dict[str, int] | None:
+        """``seq`` and ``pos`` of the last committed row (None when there is none)."""
+        if self.rows == 0:
+            return None
+        return {k: int(self.meta[k][self.rows - 1]) for k in ("seq", "pos")}
 
     def write(self, block: RowBlock, limit: int | None = None) -> int:
         """Append up to ``limit`` rows of ``block``; returns how many were written."""
@@ -123,32 +162,79 @@ class Hdf5RowWriter:
             dataset.resize(end, axis=0)
             dataset[self.rows : end] = block.meta[key][:n]
         self.rows = end
+        if self.durable:
+            self._commit()
         return n
+
+    def _commit(self) -> None:
+        """Put every written row on disk, then count it: ``row_count`` never names a row that a
+        kill could lose (the rows of the partial chunk are rewritten with the same bytes later)."""
+        if self._in_partial:
+            self._partial[self._in_partial :] = 0
+            self._write_chunk(self.rows - self._in_partial, self._partial)
+        self.file.flush()
+        self.file.attrs["row_count"] = self.rows
+        self.file.flush()
 
     def _write_chunk(self, row: int, rows: np.ndarray) -> None:
         self.acts.id.write_direct_chunk((row, *[0] * (rows.ndim - 1)), np.ascontiguousarray(rows))
 
-    def write_stats(self, stats: ActivationStats) -> None:
-        """Statistics of the rows written, as datasets ``stats/mean``, ``stats/std`` ``[k, n_layers,
-        d_model]`` and ``stats/mean_norm`` ``[k, n_layers]`` with attribute ``rows`` (too large for
-        attributes, which HDF5 limits to 64 KiB)."""
-        group = self.file.create_group("stats")
-        group.attrs["rows"] = stats.rows
-        for key in ("mean", "std", "mean_norm"):
-            group.create_dataset(key, data=getattr(stats, key).numpy())
-
     def finish(self) -> Path:
+        """Write the statistics of the file's rows (see ``file_stats``), mark it complete, close it
+        and move it into place."""
         if self._in_partial:
             self._partial[self._in_partial :] = 0
             self._write_chunk(self.rows - self._in_partial, self._partial)
-        self.file.attrs["row_count"] = self.rows
+        if self.durable:  # SWMR mode creates no objects: reopen plainly for the statistics group
+            self.file.close()
+            self.file = h5py.File(self.tmp, "r+")
+            self.acts = self.file["activations"]
+            for dataset in (self.acts, *(self.file[k] for k in META_DATASETS)):
+                dataset.resize(self.rows, axis=0)  # drop rows written after the last commit
+        if self.rows:
+            stats = file_stats(self.acts, self.dtype, self.rows)
+            group = self.file.create_group("stats")
+            group.attrs["rows"] = stats.rows
+            for key in ("mean", "std", "mean_norm"):
+                group.create_dataset(key, data=getattr(stats, key).numpy())
+        self.file.attrs.update({"row_count": self.rows, "complete": True})
         self.file.close()
-        os.replace(self.tmp, self.path)
+        if self.tmp != self.path:
+            os.replace(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
         self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        if self.tmp != self.path:
+            self.tmp.unlink(missing_ok=True)
+
+
+def file_stats(acts: h5py.Dataset, dtype: torch.dtype, rows: int) -> ActivationStats:
+    """Statistics of a file's first ``rows`` rows, read back in fixed pieces: a function of the file's
+    content alone, so a file written in one go and one written through a stream and its resumes hold
+    the same statistics. Datasets ``stats/mean``, ``stats/std`` ``[k, n_layers, d_model]`` and
+    ``stats/mean_norm`` ``[k, n_layers]`` with attribute ``rows`` (HDF5 limits attributes to 64 KiB)."""
+    welford = Welford()
+    step = max(1, READ_BYTES // (int(np.prod(acts.shape[1:])) * acts.dtype.itemsize))
+    for lo in range(0, rows, step):
+        welford.update(from_storage(acts[lo : min(rows, lo + step)], dtype))
+    return welford.result()
+
+
+# HDF5's file-access property that h5clear sets to open a file whose writer died in SWMR mode
+# (its superblock still says "open for writing"); set through the public H5Pset.
+CLEAR_STATUS_FLAGS = b"clear_status_flags"
+
+
+def _open_for_append(path: Path) -> h5py.File:
+    """Open a durable file for writing, clearing the "open for writing" mark a killed writer left."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+    library = ctypes.CDLL(h5py.h5p.__file__)  # dlsym searches the extension's libhdf5 too
+    clear = ctypes.c_bool(True)
+    if library.H5Pset(ctypes.c_int64(fapl.id), CLEAR_STATUS_FLAGS, ctypes.byref(clear)) < 0:
+        raise OSError(f"hdf5: cannot reopen {str(path)!r} to append (HDF5 refused {CLEAR_STATUS_FLAGS!r})")
+    return h5py.File(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR, fapl=fapl))
 
 
 @dataclass(frozen=True)
@@ -166,6 +252,11 @@ class Hdf5File:
     @property
     def capture(self) -> list[str]:
         return capture_points(self.attrs["capture"])
+
+    @property
+    def complete(self) -> bool:
+        """False for a write-through cache still being written, or left by a run that stopped."""
+        return bool(self.attrs.get("complete", True))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -194,7 +285,7 @@ def open_cache_file(path: str) -> Hdf5File:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"hdf5: no such file {path!r}")
     try:
-        with h5py.File(path, "r") as f:
+        with open_h5(path) as f:
             attrs = {k: _plain(v) for k, v in f.attrs.items()}
             shapes = {k: f[k].shape for k in ("activations", *META_DATASETS) if k in f}
     except OSError as exc:
@@ -208,11 +299,13 @@ def open_cache_file(path: str) -> Hdf5File:
     missing = [k for k in ("activations", *META_DATASETS) if k not in shapes]
     if missing:
         raise ValueError(f"hdf5: {path!r} lacks datasets {missing}; the file is damaged, write it again")
-    rows = shapes["activations"][0]
-    if attrs.get("row_count") != rows or any(shapes[k] != (rows,) for k in META_DATASETS):
+    rows = attrs.get("row_count")
+    lengths = [shapes[k][0] for k in ("activations", *META_DATASETS)]
+    whole = attrs.get("complete", True)
+    if not isinstance(rows, int) or (any(n != rows for n in lengths) if whole else min(lengths) < rows):
         raise ValueError(
-            f"hdf5: {path!r} is truncated or incomplete: row_count={attrs.get('row_count')} but "
-            f"activations has {rows} rows; write it again"
+            f"hdf5: {path!r} is truncated or incomplete: row_count={rows!r} but activations has "
+            f"{lengths[0]} rows; write it again"
         )
     file = Hdf5File(path, rows, attrs)
     if shapes["activations"][1:] != file.row_shape:
@@ -220,6 +313,17 @@ def open_cache_file(path: str) -> Hdf5File:
             f"hdf5: {path!r} has rows {shapes['activations'][1:]}, its attributes say {file.row_shape}"
         )
     return file
+
+
+def open_h5(path: str | os.PathLike) -> h5py.File:
+    """Open a file for reading; a write-through cache whose writer is running or died is opened in
+    SWMR mode (a plain open refuses a file marked as open for writing)."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        if "already open for write" not in str(exc):
+            raise
+        return h5py.File(path, "r", swmr=True)
 
 
 def check_matching(files: Sequence[Hdf5File], expected: dict[str, Any], what: str) -> None:
@@ -270,7 +374,7 @@ class Hdf5Rows(BaseNode[RowBlock]):
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
         self.close()
-        self._handles = [h5py.File(f.path, "r") for f in self.files]
+        self._handles = [open_h5(f.path) for f in self.files]
         self._fds = [os.open(f.path, os.O_RDONLY) for f in self.files]
         self._chunks = [_chunk_table(h["activations"]) for h in self._handles]
         self._ranges = iter(self._plan_ranges())

@@ -13,6 +13,7 @@ from actvpipe.placement import Placement
 from actvpipe.records import RowBlock
 from actvpipe.resume import PlannedContexts, ResumePlan, RowFilter
 from actvpipe.text import DocumentBlocks, PackedContexts
+from actvpipe.write_through import WriteThrough
 
 if TYPE_CHECKING:
     from actvpipe.spec import StreamSpec
@@ -25,7 +26,8 @@ def build_rows_graph(
     report: Callable[[bool], None] | None = None,
 ) -> BaseNode[RowBlock]:
     """Load model and tokenizer, then: this rank's documents -> packed contexts per the plan
-    (tokenized in a background thread) -> captured rows (on the device ``Placement`` picks) -> plan filter."""
+    (tokenized in a background thread) -> captured rows (on the device ``Placement`` picks) -> plan
+    filter -> the write-through cache file, if any."""
     model = load_model(spec.model, spec.compute_dtype, "cpu")
     placement = Placement(model, spec.device, spec.watermarks, fill, report)
     tokenizer = load_tokenizer(spec.model.tokenizer)
@@ -42,4 +44,10 @@ def build_rows_graph(
     contexts = Prefetcher(PlannedContexts(packer, plan), prefetch_factor=4)
     capture = ActivationCapture(model, spec.layers, spec.first_pos, spec.capture, spec.modules)
     rows = CaptureNode(contexts, capture, spec.dtype, placement, spec.exclude_tokens)
-    return RowFilter(rows, plan)
+    rows = RowFilter(rows, plan)
+    if spec.write_hdf5 is None:
+        return rows
+    attrs = spec.file_attrs()
+    return WriteThrough(
+        rows, spec.write_hdf5, spec.row_shape, spec.dtype, attrs, spec.context_length, spec.first_pos
+    )

@@ -10,12 +10,14 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from actvpipe.capture import describe_capture
 from actvpipe.documents import DatasetSource
 from actvpipe.fingerprint import files_digest
 from actvpipe.hdf5 import Hdf5File, Hdf5Rows
 from actvpipe.models import ModelSource
 from actvpipe.pipeline import build_rows_graph
 from actvpipe.placement import DEFAULT_WATERMARKS
+from actvpipe.text import PACKING_DESCRIPTIONS
 
 # Field metadata: ``restore=False`` marks options a saved state may change (they decide where and how
 # fast rows are computed, never which rows or their values); ``file=False`` options not recorded in
@@ -49,6 +51,7 @@ class StreamSpec:
     rank: int = field(default=0, metadata=PASS_ONLY)
     world_size: int = field(default=1, metadata=PASS_ONLY)
     watermarks: tuple[float, float] = field(default=DEFAULT_WATERMARKS, metadata=RUNTIME)
+    write_hdf5: str | None = field(default=None, metadata=RUNTIME)  # see ``WriteThrough``
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -82,6 +85,21 @@ class StreamSpec:
         data (a state restored onto changed data or weights would regenerate other rows)."""
         content = {"model_content": self.model.content, "dataset_content": self.dataset.content}
         return {**self.options("restore"), **content}
+
+    def file_attrs(self) -> dict[str, object]:
+        """What a cache file records about how its rows were made: the options recorded in files,
+        with capture points and packing spelled out."""
+        from actvpipe import __version__
+
+        tokenizer = self.model.tokenizer
+        return {
+            **{k: v for k, v in self.options("file").items() if v is not None},
+            "capture": describe_capture(self.capture),
+            "packing": PACKING_DESCRIPTIONS[self.packing],
+            "config_hash": self.model.config_hash,
+            "tokenizer": tokenizer if isinstance(tokenizer, str) else type(tokenizer).__name__,
+            "actvpipe_version": __version__,
+        }
 
 
 def plain(value: object) -> object:

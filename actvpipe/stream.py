@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -34,6 +35,7 @@ from actvpipe.sampling import Batching, BufferBatcher, TokenBatch
 from actvpipe.spec import Hdf5Spec, StreamSpec
 from actvpipe.stats import NORMALIZATIONS, ActivationStats, Normalization
 from actvpipe.text import PACKINGS
+from actvpipe.write_through import check_write_target
 
 GPT2_DEFAULTS = {
     "model": "openai-community/gpt2",
@@ -177,6 +179,7 @@ class ActivationStream:
         refresh_interval: float = 0.5,
         normalize: str | None = None,
         stats_rows: int = 100_000,
+        write_hdf5: str | os.PathLike | None = None,
     ) -> BufferedStream:
         """A shuffle buffer of ``size`` rows; batches are served while it holds ``warmup * size`` rows.
 
@@ -187,6 +190,9 @@ class ActivationStream:
         (default: when stderr is a terminal); both refresh every ``refresh_interval`` seconds.
         ``normalize="sqrt_d"|"standardize"`` normalises served batches with statistics of the first
         ``stats_rows`` rows, computed in this process when the loader first starts.
+        ``write_hdf5`` also writes every live row the pass generates to that file, in generation
+        order, as ``to_hdf5`` would: the first run streams and caches, later runs read the cache
+        (README, "Write-through cache").
         """
         check_positive_int("size", size)
         check_shared_memory(size, self.spec.row_shape, self.spec.dtype, 1 + (hdf5 is not None))
@@ -200,8 +206,14 @@ class ActivationStream:
             raise ValueError(f"normalize: expected one of {NORMALIZATIONS} or None, got {normalize!r}")
         check_positive_int("stats_rows", stats_rows)
         disk = () if hdf5 is None else (self._disk_source(hdf5, hdf5_fraction),)
+        spec = self.spec
+        if write_hdf5 is not None:
+            if not isinstance(spec, StreamSpec):
+                raise TypeError("write_hdf5: this stream already reads HDF5 files; copy the files instead")
+            target = check_write_target(write_hdf5, spec)
+            spec = dataclasses.replace(spec, write_hdf5=target)
         monitor = Monitor(log_dir, progress, refresh_interval)
-        return BufferedStream(self.spec, size, warmup, disk, hdf5_fraction, monitor, normalize, stats_rows)
+        return BufferedStream(spec, size, warmup, disk, hdf5_fraction, monitor, normalize, stats_rows)
 
     def stats(self, rows: int = 100_000) -> ActivationStats:
         """Mean, std (per element) and mean norm (per side and layer) of the first ``rows`` rows of the

@@ -68,6 +68,10 @@ def truncate_contexts(
 
 
 PACKINGS = ("concat", "truncate")
+PACKING_DESCRIPTIONS = {
+    "concat": "concat: documents + EOS, chunks of context_length - 1, BOS prepended",
+    "truncate": "truncate: one document per context: BOS + document + EOS, cut to context_length",
+}
 
 
 class DocumentBlocks(BaseNode[list]):

@@ -13,7 +13,15 @@ import sys
 
 from benchmarks.common import Result, print_table
 
-MODULES = ("throughput", "serving", "footprint", "hdf5_io", "shuffle", "saelens")
+MODULES = (
+    "throughput",
+    "serving",
+    "footprint",
+    "hdf5_io",
+    "write_through",
+    "shuffle",
+    "saelens",
+)
 RUN = (
     "import dataclasses, json, sys; from benchmarks.{module} import results; "
     "print('RESULTS ' + json.dumps([dataclasses.asdict(r) for r in results({quick})]))"

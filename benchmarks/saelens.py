@@ -148,9 +148,7 @@ def results(quick: bool) -> list[Result]:
         f"SAELens {theirs / tl:.3f} (HookedTransformer)"
     )
     return [
-        Result(
-            name, f"{ours:,.0f} rows/s", f"{theirs:,.0f} rows/s", statistics.median(ratios), "> 1", note
-        )
+        Result(name, f"{ours:,.0f} rows/s", f"{theirs:,.0f} rows/s", statistics.median(ratios), "> 1", note)
     ]
 
 

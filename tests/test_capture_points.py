@@ -84,7 +84,9 @@ def test_files_of_other_capture_lists_refuse_to_mix(model_dir, docs, tmp_path):
     both = r"\['resid_post'\] vs \['resid_mid', 'mlp_out'\]"
     with pytest.raises(ValueError, match=both):
         default.buffer(1000, hdf5=path)
-    with pytest.raises(ValueError, match=r"one.h5' does not match the first file .*two.h5': capture: " + both):
+    with pytest.raises(
+        ValueError, match=r"one.h5' does not match the first file .*two.h5': capture: " + both
+    ):
         actvpipe.from_hdf5([other, path])
 
 

@@ -46,6 +46,7 @@ def test_every_dataset_form_yields_the_same_documents(tmp_path, texts):
         "Dataset": (datasets.Dataset.from_dict({"text": docs}), "text", docs),
         "IterableDataset": (datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset(), "text", docs),
     }
+
     def offsets(lines):
         return [int(x) for x in np.cumsum([0, *(len(line.encode()) + 1 for line in lines[:-1])])]
 

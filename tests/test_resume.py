@@ -227,14 +227,13 @@ def test_restoring_after_the_data_or_the_weights_changed_names_what_changed(mode
 def test_fingerprint_and_file_attributes_derive_from_the_options_declared_once(model_dir, docs):
     from dataclasses import fields
 
-    from actvpipe.cache import cache_attrs
     from actvpipe.spec import StreamSpec
 
     spec = actvpipe.stream(model_dir, docs, context_length=CTX, modules=("h.{i}.ln_2", "h.{i}.mlp")).spec
     declared = {f.name: f.metadata for f in fields(StreamSpec)}
     restore = {name for name, meta in declared.items() if meta.get("restore", True)}
     assert set(spec.fingerprint()) == restore | {"model_content", "dataset_content"}
-    assert {name for name, meta in declared.items() if meta.get("file", True)} <= set(cache_attrs(spec))
+    assert {name for name, meta in declared.items() if meta.get("file", True)} <= set(spec.file_attrs())
     assert not {"device", "threads", "watermarks"} & set(spec.fingerprint()), "where rows are computed"
 
 

@@ -1,0 +1,114 @@
+"""Write-through cache: the live generator appends every row it generates to an HDF5 file, in
+generation order, before the row can be served, so one pass both streams and caches.
+
+The file is written in place and durably (``Hdf5RowWriter(durable=True)``): a kill leaves it valid
+up to its last committed block with ``complete = False``. Any later pass of the same stream, restored
+from a saved state or started afresh, continues it after its last row: rows a restore regenerates
+that the file already holds are not written again, so it has no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torchdata.nodes import BaseNode
+
+from actvpipe.hdf5 import FORMAT, Hdf5RowWriter, dtype_name, open_cache_file
+from actvpipe.records import RowBlock
+
+if TYPE_CHECKING:
+    from actvpipe.spec import StreamSpec
+
+IGNORED_ATTRS = ("actvpipe_version", "row_count", "complete", "storage")
+
+
+def check_write_target(path: str | os.PathLike, spec: StreamSpec) -> str:
+    """The file this rank writes, checked before any work: its directory exists, and a file already
+    there holds rows of this same stream (to continue or, if complete, leave as it is)."""
+    text, rank, world_size = os.fspath(path), spec.rank, spec.world_size
+    if world_size > 1:
+        if "{rank}" not in text:
+            raise ValueError(
+                f"write_hdf5: with {world_size} ranks each writes its own file; put {{rank}} in the path, "
+                f"e.g. {text.removesuffix('.h5')}-{{rank}}.h5"
+            )
+        text = text.format(rank=rank)
+    target = Path(text).expanduser()
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"write_hdf5: no such directory {str(target.parent)!r}; create it first")
+    if target.exists():
+        held = open_cache_file(str(target)).attrs
+        attrs = {**spec.file_attrs(), "format": FORMAT, "dtype": dtype_name(spec.dtype)}
+        keys = sorted((set(attrs) | set(held)) - set(IGNORED_ATTRS))
+        diffs = [
+            f"{k}: file {held.get(k)!r}, stream {attrs.get(k)!r}" for k in keys if held.get(k) != attrs.get(k)
+        ]
+        if diffs:
+            raise ValueError(
+                f"write_hdf5: {str(target)!r} holds rows of another stream ({'; '.join(diffs)}); "
+                "pass a new path, or delete the file to write it again"
+            )
+    return str(target)
+
+
+class WriteThrough(BaseNode[RowBlock]):
+    """Passes blocks through unchanged, first appending the rows the file does not hold yet; at the
+    end of the pass adds the statistics and marks the file complete.
+
+    Row ids ascend through a pass, so "not held yet" is "after the file's last row" (its ``seq`` and
+    ``pos`` give its id: ``seq * (context_length - first_pos) + pos - first_pos``).
+    """
+
+    def __init__(
+        self,
+        source: BaseNode[RowBlock],
+        path: str,
+        row_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        attrs: dict[str, Any],
+        context_length: int,
+        first_pos: int,
+    ):
+        super().__init__()
+        self.source = source
+        self.path, self.row_shape, self.dtype, self.attrs = path, row_shape, dtype, attrs
+        self.per_context, self.first_pos = context_length - first_pos, first_pos
+        self._writer: Hdf5RowWriter | None = None
+        self._last = -1
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        self.source.reset(initial_state)
+        if self._writer is not None:
+            return
+        if not os.path.exists(self.path):
+            self._writer = Hdf5RowWriter(self.path, self.row_shape, self.dtype, self.attrs, durable=True)
+        elif not open_cache_file(self.path).complete:
+            self._writer = Hdf5RowWriter.continue_file(self.path)
+        else:
+            return  # the file already holds the whole pass
+        last = self._writer.last_row
+        if last is not None:
+            self._last = last["seq"] * self.per_context + last["pos"] - self.first_pos
+
+    def next(self) -> RowBlock:
+        try:
+            block = next(self.source)
+        except StopIteration:
+            if self._writer is not None:
+                self._writer.finish()
+                self._writer = None
+            raise
+        if self._writer is not None and len(block):
+            ids = block.meta["row_id"]
+            new = ids > self._last
+            if new.any():
+                self._writer.write(block if new.all() else block.select(new))
+                self._last = int(ids[new][-1])
+        return block
+
+    def get_state(self) -> dict[str, Any]:
+        return self.source.state_dict()

@@ -1,0 +1,169 @@
+"""Write-through cache: one pass streams and writes the file ``to_hdf5`` writes; a writer killed at
+any instant leaves a valid, readable, continuable file; a restored loader continues it exactly."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import actvpipe
+from actvpipe.generator import GeneratorError
+from actvpipe.hdf5 import Hdf5RowWriter, open_cache_file
+
+CTX = 32
+
+
+@pytest.fixture(scope="module")
+def docs(texts):
+    return texts[:12]
+
+
+@pytest.fixture(scope="module")
+def stream(model_dir, docs):
+    return actvpipe.stream(model_dir, docs, context_length=CTX)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, stream):
+    return stream.to_hdf5(tmp_path_factory.mktemp("ref") / "ref.h5", progress=False)
+
+
+def assert_same_file(path, reference) -> None:
+    """Equal to the reference file row for row (every dataset) and attribute for attribute (the
+    full key set and every value)."""
+    with h5py.File(path, "r") as got, h5py.File(reference, "r") as ref:
+        assert set(got.attrs) == set(ref.attrs)
+        for key in ref.attrs:
+            assert np.array_equal(got.attrs[key], ref.attrs[key]), key
+        assert got.attrs["complete"] and got.attrs["row_count"] == len(ref["activations"])
+        for key in ("activations", "token_ids", "seq", "pos", "stats/mean", "stats/std", "stats/mean_norm"):
+            assert got[key].shape == ref[key].shape, key
+            assert np.array_equal(got[key][:], ref[key][:]), key
+        assert got["stats"].attrs["rows"] == ref["stats"].attrs["rows"]
+
+
+def test_a_pass_mixed_with_disk_rows_writes_exactly_the_live_rows(stream, reference, tmp_path):
+    path = tmp_path / "live.h5"
+    buffered = stream.buffer(3000, hdf5=reference, write_hdf5=path)
+    with buffered.batch(500, with_tokens=True) as loader:
+        sources = torch.cat([b.source for b in loader])
+    assert (sources == 1).sum() == (sources == 0).sum() > 0, "disk rows were served too"
+    assert_same_file(path, reference)
+    # A later pass of the same stream finds the file complete and leaves it as it is.
+    before = os.stat(path).st_mtime_ns
+    with stream.buffer(3000, write_hdf5=path).batch(500) as loader:
+        assert sum(len(b) for b in loader) == open_cache_file(str(path)).rows
+    assert os.stat(path).st_mtime_ns == before
+
+
+def test_a_killed_run_restored_from_its_state_continues_the_file(stream, reference, tmp_path):
+    path = tmp_path / "acts.h5"
+
+    def make_loader():
+        return stream.buffer(1500, warmup=0.9, write_hdf5=path).batch(100)
+
+    loader = make_loader()
+    with pytest.raises(GeneratorError, match="SIGKILL"), loader:
+        batches = iter(loader)
+        for _ in range(4):
+            next(batches)
+        state = pickle.loads(pickle.dumps(loader.state_dict()))
+        for _ in range(20):
+            next(batches)
+        os.kill(loader.generator_pid, signal.SIGKILL)
+        for _ in batches:
+            pass
+    partial = open_cache_file(str(path))
+    total = open_cache_file(str(reference)).rows
+    assert not partial.complete and 0 < partial.rows < total
+    with h5py.File(reference, "r") as ref, h5py.File(path, "r", swmr=True) as got:
+        n = partial.rows
+        assert np.array_equal(got["activations"][:n], ref["activations"][:n])
+        assert np.array_equal(got["seq"][:n], ref["seq"][:n])
+    # The partial file is readable through the library as it is.
+    with actvpipe.from_hdf5(path).buffer(1000).batch(500) as cached:
+        assert sum(len(b) for b in cached) == partial.rows
+
+    resumed = make_loader()
+    resumed.load_state_dict(state)
+    with resumed:
+        served = sum(len(b) for b in resumed)
+    assert served == total - 4 * 100
+    assert_same_file(path, reference)
+
+
+WRITER = """
+import sys, numpy as np, torch
+from actvpipe.hdf5 import Hdf5RowWriter
+from actvpipe.records import RowBlock
+path, seed = sys.argv[1], int(sys.argv[2])
+writer = (Hdf5RowWriter(path, (2, 3, 8), torch.float32, {"layers": [0, 1, 2], "d_model": 8}, durable=True)
+          if seed == 0 else Hdf5RowWriter.continue_file(path))
+rng = np.random.default_rng(seed)
+print("ready", flush=True)
+while True:
+    n = int(rng.integers(1, 300))
+    ids = np.arange(writer.rows, writer.rows + n)
+    rows = torch.from_numpy(ids.astype(np.float32)).view(-1, 1, 1, 1).expand(n, 2, 3, 8).contiguous()
+    writer.write(RowBlock(rows, {"row_id": ids, "seq": ids, "pos": ids, "token_ids": ids}))
+"""
+
+
+def test_a_writer_killed_at_any_instant_leaves_a_valid_continuable_file(tmp_path):
+    """A writer appending as fast as it can, SIGKILLed at random instants 10 times: each time the file
+    opens, says it is incomplete, and holds exactly rows 0..row_count-1; the next writer continues it."""
+    path = tmp_path / "durable.h5"
+    rng = np.random.default_rng(0)
+    last = 0
+    for seed in range(10):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path), str(seed)], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(float(rng.uniform(0.05, 0.4)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        file = open_cache_file(str(path))
+        assert not file.complete and file.rows >= last
+        with h5py.File(path, "r", swmr=True) as f:
+            expected = np.arange(file.rows)
+            assert np.array_equal(f["activations"][: file.rows, 1, 2, 7], expected)
+            assert np.array_equal(f["seq"][: file.rows], expected)
+        last = file.rows
+    assert last > 1000, "the writer committed rows between kills"
+    writer = Hdf5RowWriter.continue_file(path)
+    assert writer.rows == last
+    writer.finish()
+    file = open_cache_file(str(path))
+    assert file.complete and file.rows == last
+    with h5py.File(path, "r") as f:
+        assert np.array_equal(f["activations"][:, 0, 0, 0], np.arange(last))
+        assert f["stats/mean"][0, 0, 0] == pytest.approx((last - 1) / 2)
+    shown = subprocess.run(
+        [sys.executable, "-m", "actvpipe", "inspect", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert f"{last:,} rows of [2, 3, 8]" in shown.stdout and "complete: True" in shown.stdout
+
+
+def test_bad_write_targets_fail_before_any_work(stream, reference, model_dir, docs, tmp_path):
+    with pytest.raises(FileNotFoundError, match="write_hdf5: no such directory"):
+        stream.buffer(1000, write_hdf5=tmp_path / "missing" / "a.h5")
+    other = actvpipe.stream(model_dir, docs, context_length=16)
+    with pytest.raises(ValueError, match=r"another stream \(context_length: file 32, stream 16"):
+        other.buffer(1000, write_hdf5=reference)
+    ranked = actvpipe.stream(model_dir, docs, context_length=CTX, rank=1, world_size=2)
+    with pytest.raises(ValueError, match=r"put \{rank\} in the path"):
+        ranked.buffer(1000, write_hdf5=tmp_path / "a.h5")
+    target = ranked.buffer(1000, write_hdf5=tmp_path / "a-{rank}.h5").spec.write_hdf5
+    assert target == str(tmp_path / "a-1.h5")
+    with pytest.raises(TypeError, match="write_hdf5: this stream already reads HDF5 files"):
+        actvpipe.from_hdf5(reference).buffer(1000, write_hdf5=tmp_path / "b.h5")
