@@ -185,14 +185,13 @@ class Hdf5RowWriter:
         if self._in_partial:
             self._partial[self._in_partial :] = 0
             self._write_chunk(self.rows - self._in_partial, self._partial)
-        if self.durable:  # SWMR mode creates no objects: reopen plainly for the statistics group
+        stats = file_stats(self.acts, self.dtype, self.rows) if self.rows else None
+        if self.durable:  # SWMR mode creates no objects: reopen plainly (for milliseconds) to add them
             self.file.close()
             self.file = h5py.File(self.tmp, "r+")
-            self.acts = self.file["activations"]
-            for dataset in (self.acts, *(self.file[k] for k in META_DATASETS)):
+            for dataset in (self.file["activations"], *(self.file[k] for k in META_DATASETS)):
                 dataset.resize(self.rows, axis=0)  # drop rows written after the last commit
-        if self.rows:
-            stats = file_stats(self.acts, self.dtype, self.rows)
+        if stats is not None:
             group = self.file.create_group("stats")
             group.attrs["rows"] = stats.rows
             for key in ("mean", "std", "mean_norm"):
