@@ -169,33 +169,65 @@ class ActivationCapture:
 
     def _saver(self, side: int, j: int, stop: bool) -> Callable[[torch.Tensor], None]:
         def save(x: torch.Tensor) -> None:
-            self._stage[:, :, side, j, :] = x[:, self.first_pos :, :]
+            self._target[:, :, side, j, :] = x[:, self.first_pos :, :]
             if stop:
                 raise _StopForward
 
         return save
 
+    def stage_shape(self, tokens: torch.Tensor) -> tuple[int, ...]:
+        """``[batch, ctx - first_pos, k, n_layers, d_model]`` for contexts ``tokens [batch, ctx]``."""
+        batch, ctx = tokens.shape
+        d_model = self.model.config.get_text_config().hidden_size
+        return (batch, ctx - self.first_pos, len(self.capture), len(self.layers), d_model)
+
     @torch.inference_mode()
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``[batch * (ctx - first_pos), k, n_layers, d_model]`` (k capture points) for contexts
-        ``tokens [batch, ctx]``.
+        ``tokens [batch, ctx]``, or written into ``into`` (a view shaped as ``stage_shape``).
 
         The result is a view of a staging tensor reused by the next call: copy it out first.
         """
-        batch, ctx = tokens.shape
-        d_model = self.model.config.get_text_config().hidden_size
-        k = len(self.capture)
-        shape = (batch, ctx - self.first_pos, k, len(self.layers), d_model)
-        dtype = next(self.model.parameters()).dtype
-        if self._stage is None or self._stage.shape != shape or self._stage.device != tokens.device:
-            self._stage = torch.empty(shape, dtype=dtype, device=tokens.device)
+        shape = self.stage_shape(tokens)
+        if into is None:
+            stage = self._stage
+            if stage is None or stage.shape != shape or stage.device != tokens.device:
+                dtype = next(self.model.parameters()).dtype
+                self._stage = torch.empty(shape, dtype=dtype, device=tokens.device)
+            into = self._stage
+        self._target = into
         with contextlib.suppress(_StopForward):
             self.model(input_ids=tokens, use_cache=False)
-        return self._stage.view(-1, k, len(self.layers), d_model)
+        return into.view(-1, *shape[2:]) if into.is_contiguous() else into
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+class SideBySideCapture:
+    """Several models' captures on the same contexts, each writing its rows straight into its slot of
+    one staging tensor: rows ``[batch * (ctx - first_pos), n_models, k, n_layers, d_model]``, so every
+    row holds all models at the same token and the rest of the pipeline sees one row."""
+
+    def __init__(self, captures: Sequence[ActivationCapture]):
+        self.captures = list(captures)
+        self.first_pos = self.captures[0].first_pos
+        self._stage: torch.Tensor | None = None
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, positions, *row = self.captures[0].stage_shape(tokens)
+        shape = (batch, positions, len(self.captures), *row)
+        if self._stage is None or self._stage.shape != shape or self._stage.device != tokens.device:
+            dtype = next(self.captures[0].model.parameters()).dtype
+            self._stage = torch.empty(shape, dtype=dtype, device=tokens.device)
+        for m, capture in enumerate(self.captures):
+            capture(tokens, into=self._stage[:, :, m])
+        return self._stage.view(-1, *shape[2:])
+
+    def remove(self) -> None:
+        for capture in self.captures:
+            capture.remove()
 
 
 def _input_hook(save: Callable[[torch.Tensor], None]):
@@ -234,7 +266,7 @@ class CaptureNode(BaseNode[RowBlock]):
     def __init__(
         self,
         contexts: BaseNode[ContextBlock],
-        capture: ActivationCapture,
+        capture: ActivationCapture | SideBySideCapture,
         out_dtype: torch.dtype,
         placement: Placement,
         exclude_tokens: Sequence[int] = (),

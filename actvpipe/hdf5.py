@@ -33,7 +33,8 @@ CHUNK_BYTES = 4 << 20
 READ_BYTES = 64 << 20
 BF16_STORAGE = "bfloat16-as-uint16"
 META_DATASETS = ("token_ids", "seq", "pos")
-MATCHED_ATTRS = ("format", "capture", "layers", "d_model", "dtype")
+MATCHED_ATTRS = ("format", "n_models", "capture", "layers", "d_model", "dtype")
+ATTR_DEFAULTS = {"n_models": 1}  # what a file without the attribute means
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -245,8 +246,14 @@ class Hdf5File:
     attrs: dict[str, Any]
 
     @property
-    def row_shape(self) -> tuple[int, int, int]:
-        return (len(self.capture), len(self.attrs["layers"]), int(self.attrs["d_model"]))
+    def row_shape(self) -> tuple[int, ...]:
+        models = (self.n_models,) if self.n_models > 1 else ()
+        return (*models, len(self.capture), len(self.attrs["layers"]), int(self.attrs["d_model"]))
+
+    @property
+    def n_models(self) -> int:
+        """Models side by side in each row (files of one model have no models axis)."""
+        return int(self.attrs.get("n_models", 1))
 
     @property
     def capture(self) -> list[str]:
@@ -328,10 +335,12 @@ def open_h5(path: str | os.PathLike) -> h5py.File:
 def check_matching(files: Sequence[Hdf5File], expected: dict[str, Any], what: str) -> None:
     """Every file must match ``expected`` (attributes of the first file, or of a live stream)."""
     for file in files:
+        held = {k: file.attrs.get(k, ATTR_DEFAULTS.get(k)) for k in MATCHED_ATTRS}
+        wanted = {k: expected.get(k, ATTR_DEFAULTS.get(k)) for k in MATCHED_ATTRS}
         diffs = [
-            f"{k}: {_shown(k, file.attrs.get(k))} vs {_shown(k, expected.get(k))}"
+            f"{k}: {_shown(k, held[k])} vs {_shown(k, wanted[k])}"
             for k in MATCHED_ATTRS
-            if k in expected and file.attrs.get(k) != expected[k]
+            if held[k] != wanted[k]
         ]
         if diffs:
             raise ValueError(f"hdf5: {file.path!r} does not match {what}: {'; '.join(diffs)}")

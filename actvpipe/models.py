@@ -66,6 +66,66 @@ def resolve_model(model: Any, tokenizer: Any = None) -> tuple[ModelSource, Pretr
     return ModelSource(ref, tokenizer, config_hash, _content(ref, config_hash)), config
 
 
+def resolve_models(model: Any, tokenizer: Any = None) -> tuple[ModelSource | tuple[ModelSource, ...], list]:
+    """One model, or a list of models streamed side by side (each row holds every model's
+    activations at the same token): resolved each, and checked to share one tokenizer unless
+    ``tokenizer=`` names the one to use for all. Returns the source (a tuple for a list) and configs."""
+    if not isinstance(model, (list, tuple)):
+        source, config = resolve_model(model, tokenizer)
+        return source, [config]
+    if not model:
+        raise ValueError("model: an empty list; pass one model, or a list of two or more to diff")
+    sources, configs = zip(*(resolve_model(m, tokenizer) for m in model), strict=True)
+    if tokenizer is None:
+        check_same_tokenizer(sources)
+    return tuple(sources), list(configs)
+
+
+def check_same_tokenizer(sources: Sequence[ModelSource]) -> None:
+    """Models streamed together read the same token ids: same vocabulary, same special tokens."""
+    first = load_tokenizer(sources[0].tokenizer)
+    for source in sources[1:]:
+        other = load_tokenizer(source.tokenizer)
+        if first.get_vocab() != other.get_vocab():
+            a, b = len(first.get_vocab()), len(other.get_vocab())
+            problem = f"their vocabularies differ ({a:,} vs {b:,} tokens)"
+        elif _special_tokens(first) != _special_tokens(other):
+            problem = f"their special tokens differ ({_special_tokens(first)} vs {_special_tokens(other)})"
+        else:
+            continue
+        raise ValueError(
+            f"model: {sources[0].name!r} and {source.name!r} have different tokenizers: {problem}; pass "
+            "tokenizer= to tokenize for all of them, if one vocabulary really fits both"
+        )
+
+
+def _special_tokens(tokenizer: Any) -> dict[str, int | None]:
+    names = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+    return {name: getattr(tokenizer, name, None) for name in names}
+
+
+def common_dims(
+    sources: Sequence[ModelSource], configs: Sequence[PretrainedConfig], layers: Sequence[int] | None
+) -> tuple[int, int, int | None]:
+    """(layers every model has, d_model, shortest maximum context) of models streamed together; a
+    d_model that differs, or layer counts that differ without ``layers=``, is an error naming both."""
+    dims = [model_dims(config) for config in configs]
+    for source, (n_layers, d_model, _) in zip(sources[1:], dims[1:], strict=True):
+        if d_model != dims[0][1]:
+            raise ValueError(
+                f"model: {sources[0].name!r} has d_model {dims[0][1]} but {source.name!r} has {d_model}; "
+                "models streamed together need the same width"
+            )
+        if n_layers != dims[0][0] and layers is None:
+            common = min(n_layers, dims[0][0])
+            raise ValueError(
+                f"model: {sources[0].name!r} has {dims[0][0]} layers but {source.name!r} has {n_layers}; "
+                f"pass layers= with layers all of them have, e.g. layers=range({common})"
+            )
+    lengths = [m for _, _, m in dims if m is not None]
+    return min(n for n, _, _ in dims), dims[0][1], min(lengths) if lengths else None
+
+
 def _content(ref: str | PreTrainedModel, config_hash: str) -> dict[str, str] | str:
     """What identifies the weights: a directory's config and weight files, a loaded model's
     parameters, a hub model's config (its files are only known once downloaded)."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from torch import nn
 from torchdata.nodes import BaseNode, Prefetcher
 
-from actvpipe.capture import ActivationCapture, CaptureNode
+from actvpipe.capture import ActivationCapture, CaptureNode, SideBySideCapture
 from actvpipe.models import load_model, load_tokenizer
 from actvpipe.placement import Placement
 from actvpipe.records import RowBlock
@@ -28,9 +29,10 @@ def build_rows_graph(
     """Load model and tokenizer, then: this rank's documents -> packed contexts per the plan
     (tokenized in a background thread) -> captured rows (on the device ``Placement`` picks) -> plan
     filter -> the write-through cache file, if any."""
-    model = load_model(spec.model, spec.compute_dtype, "cpu")
-    placement = Placement(model, spec.device, spec.watermarks, fill, report)
-    tokenizer = load_tokenizer(spec.model.tokenizer)
+    models = [load_model(source, spec.compute_dtype, "cpu") for source in spec.sources]
+    together = models[0] if len(models) == 1 else nn.ModuleList(models)  # moved between devices as one
+    placement = Placement(together, spec.device, spec.watermarks, fill, report)
+    tokenizer = load_tokenizer(spec.tokenizer)
     documents = DocumentBlocks(spec.dataset, rank=spec.rank, world_size=spec.world_size)
     packer = PackedContexts(
         documents,
@@ -42,7 +44,8 @@ def build_rows_graph(
         spec.world_size,
     )
     contexts = Prefetcher(PlannedContexts(packer, plan), prefetch_factor=4)
-    capture = ActivationCapture(model, spec.layers, spec.first_pos, spec.capture, spec.modules)
+    captures = [ActivationCapture(m, spec.layers, spec.first_pos, spec.capture, spec.modules) for m in models]
+    capture = captures[0] if not isinstance(spec.model, tuple) else SideBySideCapture(captures)
     rows = CaptureNode(contexts, capture, spec.dtype, placement, spec.exclude_tokens)
     rows = RowFilter(rows, plan)
     if spec.write_hdf5 is None:

@@ -31,7 +31,7 @@ class StreamSpec:
     """Everything the generator needs, resolved and validated in the training process. Each option
     is declared once, here: the resume fingerprint and the cache files' attributes derive from it."""
 
-    model: ModelSource
+    model: ModelSource | tuple[ModelSource, ...]  # a tuple: several models side by side in each row
     dataset: DatasetSource
     context_length: int
     layers: tuple[int, ...]
@@ -54,6 +54,20 @@ class StreamSpec:
     write_hdf5: str | None = field(default=None, metadata=RUNTIME)  # see ``WriteThrough``
 
     @property
+    def sources(self) -> tuple[ModelSource, ...]:
+        return self.model if isinstance(self.model, tuple) else (self.model,)
+
+    @property
+    def n_models(self) -> int:
+        """Models side by side in each row; 1 (no models axis) for a single model."""
+        return len(self.sources)
+
+    @property
+    def tokenizer(self):
+        """The tokenizer every model reads (checked to be the same, or given once)."""
+        return self.sources[0].tokenizer
+
+    @property
     def compute_dtype(self) -> torch.dtype:
         return self.model_dtype or self.dtype
 
@@ -63,8 +77,9 @@ class StreamSpec:
         return 1 if self.exclude_bos else 0
 
     @property
-    def row_shape(self) -> tuple[int, int, int]:
-        return (len(self.capture), len(self.layers), self.d_model)
+    def row_shape(self) -> tuple[int, ...]:
+        models = (self.n_models,) if isinstance(self.model, tuple) else ()
+        return (*models, len(self.capture), len(self.layers), self.d_model)
 
     def rows_graph(self, plan, fill=None, report=None):
         """Load model and tokenizer (in the generator process) and build text -> rows per ``plan``;
@@ -83,7 +98,8 @@ class StreamSpec:
     def fingerprint(self) -> dict[str, object]:
         """The options a saved state must match to be restored, and the content of the model and the
         data (a state restored onto changed data or weights would regenerate other rows)."""
-        content = {"model_content": self.model.content, "dataset_content": self.dataset.content}
+        models = [s.content for s in self.sources] if isinstance(self.model, tuple) else self.model.content
+        content = {"model_content": models, "dataset_content": self.dataset.content}
         return {**self.options("restore"), **content}
 
     def file_attrs(self) -> dict[str, object]:
@@ -91,12 +107,15 @@ class StreamSpec:
         with capture points and packing spelled out."""
         from actvpipe import __version__
 
-        tokenizer = self.model.tokenizer
+        tokenizer = self.tokenizer
+        hashes = [s.config_hash for s in self.sources]
+        several = {"n_models": self.n_models} if isinstance(self.model, tuple) else {}
         return {
             **{k: v for k, v in self.options("file").items() if v is not None},
+            **several,
             "capture": describe_capture(self.capture),
             "packing": PACKING_DESCRIPTIONS[self.packing],
-            "config_hash": self.model.config_hash,
+            "config_hash": hashes if several else hashes[0],
             "tokenizer": tokenizer if isinstance(tokenizer, str) else type(tokenizer).__name__,
             "actvpipe_version": __version__,
         }
@@ -122,7 +141,7 @@ class Hdf5Spec:
     deterministic: bool = False
 
     @property
-    def row_shape(self) -> tuple[int, int, int]:
+    def row_shape(self) -> tuple[int, ...]:
         return self.files[0].row_shape
 
     @property
@@ -131,7 +150,7 @@ class Hdf5Spec:
 
     @property
     def d_model(self) -> int:
-        return self.row_shape[2]
+        return self.row_shape[-1]
 
     @property
     def layers(self) -> tuple[int, ...]:

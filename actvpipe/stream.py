@@ -27,7 +27,7 @@ from actvpipe.device_copy import batch_device
 from actvpipe.documents import resolve_dataset
 from actvpipe.hdf5 import FORMAT, check_matching, dtype_name, expand_paths, open_cache_file
 from actvpipe.mixing import Mixing
-from actvpipe.models import check_capture_modules, model_dims, resolve_model
+from actvpipe.models import check_capture_modules, common_dims, resolve_models
 from actvpipe.monitor import Monitor
 from actvpipe.placement import DEFAULT_WATERMARKS, check_watermarks
 from actvpipe.resume import check_fingerprint
@@ -68,7 +68,8 @@ def stream(
     deterministic: bool = False,
 ) -> ActivationStream:
     """Describe a stream of ``model``'s activations over ``dataset``: rows ``[k, n_layers, d_model]``
-    of the ``capture`` points (default MLP in and out, k = 2).
+    of the ``capture`` points (default MLP in and out, k = 2). A list of models (same tokenizer and
+    width) gives rows ``[n_models, k, n_layers, d_model]``: every model at the same token.
 
     Everything is checked here, before any process starts: the model's config and tokenizer load,
     the dataset exists and has ``text_column``, and the shapes fit the model. ``dtype`` is the
@@ -85,8 +86,9 @@ def stream(
     device = resolve_device(device)
     watermarks = check_watermarks(watermarks)
     capture = check_capture(capture)
-    source, config = resolve_model(model, tokenizer)
-    n_layers, d_model, max_len = model_dims(config)
+    source, configs = resolve_models(model, tokenizer)
+    sources = source if isinstance(source, tuple) else (source,)
+    n_layers, d_model, max_len = common_dims(sources, configs, layers)
     check_positive_int("context_length", context_length)
     if context_length < 2:
         raise ValueError("context_length: must be at least 2 (BOS plus one token); pass a larger value")
@@ -98,9 +100,10 @@ def stream(
     layers = check_layers(layers, n_layers)
     if packing not in PACKINGS:
         raise ValueError(f"packing: expected one of {PACKINGS}, got {packing!r}")
-    exclude_tokens = check_token_ids(exclude_tokens, config)
+    exclude_tokens = check_token_ids(exclude_tokens, configs[0])
     rank, world_size = resolve_rank(rank, world_size)
-    check_capture_modules(source, config, layers, capture, modules)
+    for each, config in zip(sources, configs, strict=True):
+        check_capture_modules(each, config, layers, capture, modules)
     dataset_source = resolve_dataset(dataset, text_column)
     spec = StreamSpec(
         model=source,
@@ -237,6 +240,7 @@ class ActivationStream:
         disk = from_hdf5(paths).spec
         expected = {
             "format": FORMAT,
+            "n_models": self.spec.n_models,
             "capture": describe_capture(self.spec.capture),
             "layers": list(self.spec.layers),
             "d_model": self.spec.d_model,

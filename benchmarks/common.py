@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from actvpipe.demo import demo_model_dir
 
 
-def build_gpt2(n_layer: int, n_embd: int, n_head: int, n_positions: int = 1024) -> Path:
+def build_gpt2(n_layer: int, n_embd: int, n_head: int, n_positions: int = 1024, seed: int = 0) -> Path:
     """A randomly initialised GPT-2-architecture model with the demo tokenizer, saved to a temp dir."""
     out = Path(tempfile.mkdtemp(prefix=f"actvpipe-bench-{n_layer}x{n_embd}-"))
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir())
@@ -31,14 +31,14 @@ def build_gpt2(n_layer: int, n_embd: int, n_head: int, n_positions: int = 1024) 
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     GPT2LMHeadModel(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
 
 def bare_forward_tokens_per_s(
-    model_dir: Path,
+    model_dir: Path | list[Path],
     batch: int,
     context: int,
     seconds: float,
@@ -46,28 +46,33 @@ def bare_forward_tokens_per_s(
     dtype: torch.dtype = torch.float32,
 ) -> float:
     """Tokens/s of the plain base model (no hooks, no LM head) on random tokens of the given shape,
-    on the CPU with as many threads as actvpipe's generator uses (every core)."""
+    on the CPU with as many threads as actvpipe's generator uses (every core). A list of models runs
+    them back to back on the same tokens (a token counts once, as in a row holding all of them)."""
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    tokens = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    dirs = model_dir if isinstance(model_dir, list) else [model_dir]
+    models = [AutoModel.from_pretrained(d, dtype=dtype).to(device).eval() for d in dirs]
+    tokens = torch.randint(0, models[0].config.vocab_size, (batch, context), device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     try:
-        return _timed_forward(model, tokens, seconds, sync)
+        return _timed_forward(models, tokens, seconds, sync)
     finally:
         torch.set_num_threads(threads)
 
 
-def _timed_forward(model, tokens: torch.Tensor, seconds: float, sync) -> float:
+def _timed_forward(models, tokens: torch.Tensor, seconds: float, sync) -> float:
     batch, context = tokens.shape
+    models = models if isinstance(models, list) else [models]
     with torch.inference_mode():
-        model(tokens, use_cache=False)
+        for model in models:
+            model(tokens, use_cache=False)
         sync()
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            model(tokens, use_cache=False)
+            for model in models:
+                model(tokens, use_cache=False)
             n += 1
         sync()
         elapsed = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""The examples run as users run them: the SAE training loop checkpoints and resumes."""
+"""The examples run as users run them: the SAE and crosscoder training loops checkpoint and resume."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def run(*args: str, env: dict) -> str:
+def run(script: str, *args: str, env: dict) -> str:
     out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "train_sae.py"), *args],
+        [sys.executable, str(EXAMPLES / script), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -25,15 +26,18 @@ def run(*args: str, env: dict) -> str:
     return out.stdout
 
 
-def test_train_sae_checkpoints_and_resumes(tmp_path):
+@pytest.mark.parametrize(
+    ("script", "trained"), [("train_sae.py", "sae"), ("train_crosscoder.py", "crosscoder")]
+)
+def test_training_example_checkpoints_and_resumes(script, trained, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    ckpt = str(tmp_path / "sae.pt")
-    first = run("--steps", "6", "--every", "3", "--checkpoint", ckpt, env=env)
+    ckpt = str(tmp_path / "model.pt")
+    first = run(script, "--steps", "6", "--every", "3", "--checkpoint", ckpt, env=env)
     assert re.findall(r"step (\d+): loss", first) == ["3", "6"]
     saved = torch.load(ckpt, weights_only=False)
-    assert saved["step"] == 6 and {"sae", "optimizer", "loader"} <= set(saved)
+    assert saved["step"] == 6 and {trained, "optimizer", "loader"} <= set(saved)
     assert saved["loader"]["root"]["batches"] == 6
-    second = run("--steps", "9", "--every", "3", "--checkpoint", ckpt, "--resume", env=env)
+    second = run(script, "--steps", "9", "--every", "3", "--checkpoint", ckpt, "--resume", env=env)
     assert "resumed at step 6" in second
     assert re.findall(r"step (\d+): loss", second) == ["9"]
     losses = [float(x) for x in re.findall(r"loss ([0-9.]+)", first + second)]
