@@ -52,6 +52,7 @@ def checks(model_dir, device: str, context: int) -> list[tuple[str, str, bool]]:
     bf16, _, _ = pass_rows(model_dir, texts, context, device=device, model_dtype=torch.bfloat16)
     auto, auto_gpu, _ = pass_rows(model_dir, texts, context, device="auto")
     handed, _, complete = pass_rows(model_dir, texts, context, batch_device=device, device="cpu")
+    pair, pair_gpu, _ = pass_rows([model_dir, model_dir], texts, context, device="auto")
     expect_gpu = device.startswith("cuda")
     out = []
     err = relative_error(handed, cpu)
@@ -66,6 +67,9 @@ def checks(model_dir, device: str, context: int) -> list[tuple[str, str, bool]]:
     err = relative_error(auto, cpu)
     ok = err < 1e-4 and auto_gpu == expect_gpu
     out.append(("device='auto' rows vs CPU; starts on the GPU", f"{err:.1e}, on_gpu={auto_gpu}", ok))
+    err = max(relative_error(pair[:, m], cpu) for m in range(2))
+    ok = err < 1e-4 and pair_gpu == expect_gpu
+    out.append(("two models, device='auto', each vs CPU rows", f"{err:.1e}, on_gpu={pair_gpu}", ok))
     return out
 
 

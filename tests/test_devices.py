@@ -98,7 +98,7 @@ def test_gpu_script_runs_its_checks_here_in_smoke_mode():
         timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("OK  ") == 5 and "FAIL" not in out.stdout
+    assert out.stdout.count("OK  ") == 6 and "FAIL" not in out.stdout
     assert re.search(r"captured tokens/s / bare bf16 forward tokens/s +[\d,]+ +[\d,]+ +\d\.\d{3}", out.stdout)
 
 
