@@ -15,8 +15,15 @@ def demo(args: argparse.Namespace) -> None:
 
     stream = actvpipe.demo_stream()
     rows = 0
+    steps = args.steps if args.steps is not None else 200 if args.log_dir else 20
+    # With --log-dir every batch is logged, so even a short demo leaves its charts well filled.
+    interval = 0.0 if args.log_dir else 0.2
     buffered = stream.buffer(
-        args.buffer, log_dir=args.log_dir, progress=True, refresh_interval=0.2, write_hdf5=args.write_hdf5
+        args.buffer,
+        log_dir=args.log_dir,
+        progress=True,
+        refresh_interval=interval,
+        write_hdf5=args.write_hdf5,
     )
     with buffered.batch(args.batch_size) as loader:
         start = time.perf_counter()
@@ -26,10 +33,12 @@ def demo(args: argparse.Namespace) -> None:
                 f"batch {step}: {list(batch.shape)} mean={batch.mean():+.4f} std={batch.std():.4f}",
                 flush=True,
             )
-            if step == args.steps:
+            if step == steps:
                 break
         elapsed = time.perf_counter() - start
     print(f"served {rows:,} rows in {elapsed:.1f}s ({rows / elapsed:,.0f} rows/s, generator start included)")
+    if args.log_dir:
+        print(f"TensorBoard (combined charts under Custom Scalars): tensorboard --logdir {args.log_dir}")
     if args.write_hdf5:
         from actvpipe.hdf5 import open_cache_file
 
@@ -124,7 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actvpipe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("demo", help=demo.__doc__, description=demo.__doc__)
-    p.add_argument("--steps", type=int, default=20, help="batches to serve (default 20; 0: the whole pass)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="batches to serve (default 20, 200 with --log-dir; 0: the whole pass)",
+    )
     p.add_argument("--batch-size", type=int, default=512, help="rows per batch (default 512)")
     p.add_argument("--buffer", type=int, default=16_384, help="shuffle buffer size in rows (default 16384)")
     p.add_argument("--log-dir", default=None, help="write TensorBoard scalars to this directory")

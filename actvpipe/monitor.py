@@ -16,6 +16,8 @@ from typing import Any
 
 import psutil
 
+from actvpipe.status_line import StatusLine
+
 TAGS = (
     "buffer/fill_fraction",
     "rate/generated_per_s",
@@ -25,6 +27,17 @@ TAGS = (
     "memory/rss_bytes",
     "loader/wait_s",
 )
+WATERMARK_TAGS = ("buffer/low_watermark", "buffer/high_watermark")  # live streams: the device policy's
+# TensorBoard's custom-scalars page: the rates on one chart, the fill against the watermarks on another.
+LAYOUT = {
+    "actvpipe": {
+        "throughput (rows/s)": [
+            "Multiline",
+            ["rate/generated_per_s", "rate/served_per_s", "rate/disk_per_s"],
+        ],
+        "buffer (fraction full)": ["Multiline", ["buffer/fill_fraction", *WATERMARK_TAGS]],
+    }
+}
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,7 @@ class Snapshot:
     memory: int
     waited: float  # seconds the training loop waited for batches, all passes
     batches: int
+    done: bool = False  # every source has finished its pass
 
 
 def scalars(before: Snapshot, now: Snapshot) -> dict[str, float]:
@@ -58,12 +72,28 @@ def scalars(before: Snapshot, now: Snapshot) -> dict[str, float]:
     }
 
 
-def dashboard_line(held: int, size: int, rate: float, on_gpu: bool, served: int) -> str:
-    """``Buffer: 45,231/1,000,000 (4.5%) | Rate: 1,234/s | Device: cpu | Served: 2,000,000``."""
-    device = "gpu" if on_gpu else "cpu"
+FULL = 0.99  # the fill at which a generator with nothing to write is waiting for room
+
+
+def dashboard_line(before: Snapshot, now: Snapshot) -> str:
+    """``Buffer: 45,231/1,000,000 (4.5%) | Rate: 1,234/s | Served: 5,000/s (2,000,000) | Device: cpu``.
+
+    A zero rate says why: ``paused (buffer full)``, ``done`` (every source finished its pass) or
+    ``waiting for data`` (the generator is starting, or reading or computing its next block)."""
+    values = scalars(before, now)
+    rate = values["rate/generated_per_s"] + values["rate/disk_per_s"]
+    if rate >= 0.5:
+        shown = f"{rate:,.0f}/s"
+    elif now.done:
+        shown = "done"
+    elif now.held >= FULL * now.size:
+        shown = "paused (buffer full)"
+    else:
+        shown = "waiting for data"
+    served = f"{values['rate/served_per_s']:,.0f}/s ({now.served:,})"
     return (
-        f"Buffer: {held:,}/{size:,} ({100 * held / size:.1f}%) | Rate: {rate:,.0f}/s "
-        f"| Device: {device} | Served: {served:,}"
+        f"Buffer: {now.held:,}/{now.size:,} ({100 * now.held / now.size:.1f}%) | Rate: {shown} "
+        f"| Served: {served} | Device: {'gpu' if now.on_gpu else 'cpu'}"
     )
 
 
@@ -85,9 +115,10 @@ class Monitor:
     def __init__(self, log_dir: str | os.PathLike | None, progress: bool | None, refresh_interval: float):
         self.log_dir = log_dir
         self.disk_sources: tuple[bool, ...] = (False,)  # per buffer source: does it read HDF5 files
+        self.watermarks: tuple[float, float] | None = None  # the live stream's device policy, if any
         self.show = sys.stderr.isatty() if progress is None else progress
         self.refresh_interval = refresh_interval
-        self._writer = self._bar = self._stdout = self._proxy = None
+        self._writer = self._line = None
         self._run = self._last = None
         self._served = self._batches = 0
         self._waited = 0.0
@@ -107,6 +138,11 @@ class Monitor:
         if time.monotonic() - self._last.time >= self.refresh_interval:
             self.refresh()
 
+    @property
+    def line(self) -> str:
+        """The dashboard line as last drawn (empty before the first refresh)."""
+        return self._line.text if self._line is not None else ""
+
     def refresh(self) -> None:
         if self._run is None:
             return
@@ -114,13 +150,14 @@ class Monitor:
         values = scalars(self._last, now)
         if self.log_dir is not None:
             self._open_writer()
+            if self.watermarks is not None:
+                values.update(zip(WATERMARK_TAGS, self.watermarks, strict=True))
             for tag, value in values.items():
                 self._writer.add_scalar(tag, value, now.batches, walltime=time.time())
         if self.show:
-            self._open_bar()
-            rate = values["rate/generated_per_s"] + values["rate/disk_per_s"]
-            line = dashboard_line(now.held, now.size, rate, now.on_gpu, now.served)
-            self._bar.set_description_str(line, refresh=True)
+            if self._line is None:
+                self._line = StatusLine().open()
+            self._line.update(dashboard_line(self._last, now))
         self._last = now
 
     def _snapshot(self, run: Any) -> Snapshot:
@@ -138,6 +175,7 @@ class Monitor:
             memory=memory_of(pids),
             waited=self._waited,
             batches=self._batches,
+            done=all(buffer.done(k) for k in range(buffer.n_sources)),
         )
 
     def _open_writer(self) -> None:
@@ -145,25 +183,14 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(os.fspath(self.log_dir))
-
-    def _open_bar(self) -> None:
-        """The status line; while it shows, ``print`` goes through tqdm so it never splits the line."""
-        if self._bar is None:
-            from tqdm import tqdm
-            from tqdm.contrib import DummyTqdmFile
-
-            self._bar = tqdm(file=sys.stderr, bar_format="{desc}", dynamic_ncols=True)
-            self._stdout = sys.stdout
-            self._proxy = sys.stdout = DummyTqdmFile(sys.stdout)
+            self._writer.add_custom_scalars(LAYOUT)
 
     def end_pass(self) -> None:
-        """Flush the last values, remove the status line and put stdout back (iteration ended)."""
+        """Flush the last values, erase the status line and give the streams back (iteration ended)."""
         self.refresh()
-        if self._bar is not None:
-            if sys.stdout is self._proxy:
-                sys.stdout = self._stdout
-            self._bar.close()
-            self._bar = self._proxy = None
+        if self._line is not None:
+            self._line.close()
+            self._line = None
 
     def close(self) -> None:
         """``end_pass``, then close the TensorBoard writer."""

@@ -202,9 +202,11 @@ class ActivationStream:
         if not 0.0 <= warmup <= 1.0:
             raise ValueError(f"warmup: a fraction of the buffer between 0 and 1, got {warmup!r}")
         if isinstance(refresh_interval, bool) or not (
-            isinstance(refresh_interval, int | float) and refresh_interval > 0
+            isinstance(refresh_interval, int | float) and refresh_interval >= 0
         ):
-            raise ValueError(f"refresh_interval: expected positive seconds, got {refresh_interval!r}")
+            raise ValueError(
+                f"refresh_interval: expected seconds >= 0 (0: after every batch), got {refresh_interval!r}"
+            )
         if normalize is not None and normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize: expected one of {NORMALIZATIONS} or None, got {normalize!r}")
         check_positive_int("stats_rows", stats_rows)
@@ -334,6 +336,7 @@ class ActivationLoader:
         self._loaded: dict[str, Any] | None = None
         self._monitor = buffered.monitor
         self._monitor.disk_sources = tuple(isinstance(s, Hdf5Spec) for s in sources)
+        self._monitor.watermarks = self.spec.watermarks if isinstance(self.spec, StreamSpec) else None
 
     def start(self) -> ActivationLoader:
         """Launch the generators (for the loaded state, if any) and return at once."""
