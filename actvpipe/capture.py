@@ -190,11 +190,7 @@ class ActivationCapture:
         """
         shape = self.stage_shape(tokens)
         if into is None:
-            stage = self._stage
-            if stage is None or stage.shape != shape or stage.device != tokens.device:
-                dtype = next(self.model.parameters()).dtype
-                self._stage = torch.empty(shape, dtype=dtype, device=tokens.device)
-            into = self._stage
+            into = self._stage = staging(self._stage, shape, self.model, tokens.device)
         self._target = into
         with contextlib.suppress(_StopForward):
             self.model(input_ids=tokens, use_cache=False)
@@ -203,6 +199,13 @@ class ActivationCapture:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def staging(current: torch.Tensor | None, shape: tuple[int, ...], model: nn.Module, device) -> torch.Tensor:
+    """``current`` when it fits, else a new staging tensor in the model's dtype."""
+    if current is not None and current.shape == shape and current.device == device:
+        return current
+    return torch.empty(shape, dtype=next(model.parameters()).dtype, device=device)
 
 
 class SideBySideCapture:
@@ -218,9 +221,7 @@ class SideBySideCapture:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         batch, positions, *row = self.captures[0].stage_shape(tokens)
         shape = (batch, positions, len(self.captures), *row)
-        if self._stage is None or self._stage.shape != shape or self._stage.device != tokens.device:
-            dtype = next(self.captures[0].model.parameters()).dtype
-            self._stage = torch.empty(shape, dtype=dtype, device=tokens.device)
+        self._stage = staging(self._stage, shape, self.captures[0].model, tokens.device)
         for m, capture in enumerate(self.captures):
             capture(tokens, into=self._stage[:, :, m])
         return self._stage.view(-1, *shape[2:])

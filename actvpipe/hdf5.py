@@ -1,7 +1,8 @@
 """HDF5 activation cache: the file format, its writer, validation, and the node that reads rows back.
 
-A file holds ``activations [N, 2, n_layers, d_model]`` (chunked by several MiB, uncompressed),
-``token_ids``, ``seq`` and ``pos`` ``[N]``, and attributes describing how the rows were made.
+A file holds ``activations [N, k, n_layers, d_model]`` (``[N, n_models, k, ...]`` for several
+models; chunked by several MiB, uncompressed), ``token_ids``, ``seq`` and ``pos`` ``[N]``, and
+attributes describing how the rows were made.
 float32 and float16 are stored natively; bfloat16 as its raw 16 bits (``uint16``) with
 ``storage = "bfloat16-as-uint16"``. ``to_hdf5`` writes under a temporary name and renames the file
 when complete; a write-through cache is written in place in HDF5's SWMR mode, which keeps the file
