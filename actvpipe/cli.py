@@ -43,7 +43,9 @@ def demo(args: argparse.Namespace) -> None:
         from actvpipe.hdf5 import open_cache_file
 
         file = open_cache_file(buffered.spec.write_hdf5)
-        state = "complete" if file.complete else "incomplete: run the same command again to continue it"
+        state = (
+            "complete" if file.complete else "incomplete: --steps 0 streams the whole pass and completes it"
+        )
         print(f"cached {file.rows:,} rows in {file.path} ({state}); read it with actvpipe.from_hdf5")
 
 

@@ -181,13 +181,13 @@ class Hdf5RowWriter:
     def _write_chunk(self, row: int, rows: np.ndarray) -> None:
         self.acts.id.write_direct_chunk((row, *[0] * (rows.ndim - 1)), np.ascontiguousarray(rows))
 
-    def finish(self) -> Path:
-        """Write the statistics of the file's rows (see ``file_stats``), mark it complete, close it
-        and move it into place."""
+    def finish(self, with_stats: bool = True) -> Path:
+        """Write the statistics of the file's rows (see ``file_stats``; a pass over the rows that costs
+        more than writing them), mark the file complete, close it and move it into place."""
         if self._in_partial:
             self._partial[self._in_partial :] = 0
             self._write_chunk(self.rows - self._in_partial, self._partial)
-        stats = file_stats(self.acts, self.dtype, self.rows) if self.rows else None
+        stats = file_stats(self.acts, self.dtype, self.rows) if self.rows and with_stats else None
         if self.durable:  # SWMR mode creates no objects: reopen plainly (for milliseconds) to add them
             self.file.close()
             self.file = h5py.File(self.tmp, "r+")

@@ -167,3 +167,24 @@ def test_bad_write_targets_fail_before_any_work(stream, reference, model_dir, do
     assert target == str(tmp_path / "a-1.h5")
     with pytest.raises(TypeError, match="write_hdf5: this stream already reads HDF5 files"):
         actvpipe.from_hdf5(reference).buffer(1000, write_hdf5=tmp_path / "b.h5")
+
+
+def test_demo_streams_and_caches_then_completes_the_file(tmp_path):
+    """``actvpipe demo --write-hdf5``: a short run leaves a valid, incomplete file and says so; a
+    whole-pass run continues it to a complete file with no gap and no duplicate."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "ACTVPIPE_CACHE": str(tmp_path)}
+    path = tmp_path / "demo.h5"
+    command = [sys.executable, "-m", "actvpipe", "demo", "--write-hdf5", str(path), "--steps"]
+    out = subprocess.run([*command, "10"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    first = open_cache_file(str(path))
+    assert not first.complete and first.rows > 0 and first.row_shape == (2, 4, 64)
+    assert f"cached {first.rows:,} rows in {path} (incomplete: --steps 0 streams the whole pass" in out.stdout
+    out = subprocess.run([*command, "0"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    whole = open_cache_file(str(path))
+    assert whole.complete and whole.rows > first.rows
+    assert f"cached {whole.rows:,} rows in {path} (complete)" in out.stdout
+    with h5py.File(path, "r") as f:
+        ids = f["seq"][:] * 127 + f["pos"][:] - 1  # demo contexts of 128 tokens, BOS excluded
+    assert np.array_equal(ids, np.arange(whole.rows)), "no gap and no duplicate across the two runs"
