@@ -83,8 +83,8 @@ def cache(args: argparse.Namespace) -> None:
 
 
 def stats(args: argparse.Namespace) -> None:
-    """Print normalisation statistics (mean, std, mean norm per side and layer) as JSON: of a stream's
-    first --rows rows, or of an HDF5 cache file's first --rows rows."""
+    """Print normalisation statistics (mean, std, mean norm per capture point and layer) as JSON: of
+    a stream's first --rows rows, or of an HDF5 cache file's first --rows rows."""
     import actvpipe
 
     if args.file is not None:
@@ -102,7 +102,7 @@ def stats(args: argparse.Namespace) -> None:
     else:
         print(text)
     norms = ", ".join(f"{v:.3g}" for v in result.mean_norm.flatten().tolist())
-    print(f"{result.rows:,} rows; mean norm per side and layer: {norms}", file=sys.stderr)
+    print(f"{result.rows:,} rows; mean norm per capture point and layer: {norms}", file=sys.stderr)
 
 
 def bench(args: argparse.Namespace) -> None:

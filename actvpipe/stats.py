@@ -57,7 +57,7 @@ class Welford:
 @dataclass(frozen=True)
 class ActivationStats:
     """Statistics of ``rows`` rows: ``mean`` and ``std`` (population) ``[k, n_layers, d_model]``, and
-    ``mean_norm`` ``[k, n_layers]``, the mean L2 norm of a row's vector at each side and layer."""
+    ``mean_norm`` ``[k, n_layers]``, the mean L2 norm of a row's vector at each capture point and layer."""
 
     rows: int
     mean: torch.Tensor
@@ -89,7 +89,7 @@ class ActivationStats:
 class Normalization:
     """``x -> (x - shift) * scale``, broadcast over ``[batch, k, n_layers, d_model]``.
 
-    ``sqrt_d`` scales each side and layer so its mean norm is ``sqrt(d_model)`` (no shift);
+    ``sqrt_d`` scales each capture point and layer so its mean norm is ``sqrt(d_model)`` (no shift);
     ``standardize`` subtracts the mean and divides by the std per element. A trained dictionary folds
     the factors back into its weights: decoder rows divided by ``scale``, biases shifted by ``shift``.
     """

@@ -221,8 +221,8 @@ class ActivationStream:
         return BufferedStream(spec, size, warmup, disk, hdf5_fraction, monitor, normalize, stats_rows)
 
     def stats(self, rows: int = 100_000) -> ActivationStats:
-        """Mean, std (per element) and mean norm (per side and layer) of the first ``rows`` rows of the
-        pass, computed in this process (Welford, float64)."""
+        """Mean, std (per element) and mean norm (per capture point and layer) of the first ``rows``
+        rows of the pass, computed in this process (Welford, float64)."""
         return compute_stats(self.spec, rows)
 
     def _disk_source(self, paths, fraction: float | None) -> Hdf5Spec:

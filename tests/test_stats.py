@@ -94,4 +94,4 @@ def test_cache_file_keeps_stats_and_cli_prints_them(tmp_path, model_dir, texts, 
     )
     assert out.returncode == 0, out.stderr
     assert_stats(ActivationStats.from_dict(json.loads(out.stdout)), pass_rows[:400])
-    assert "400 rows; mean norm per side and layer" in out.stderr
+    assert "400 rows; mean norm per capture point and layer" in out.stderr
