@@ -35,7 +35,7 @@ from actvpipe.sampling import Batching, BufferBatcher, TokenBatch
 from actvpipe.spec import Hdf5Spec, StreamSpec
 from actvpipe.stats import NORMALIZATIONS, ActivationStats, Normalization
 from actvpipe.text import PACKINGS
-from actvpipe.write_through import check_write_target
+from actvpipe.write_through import check_continuation, check_write_target
 
 GPT2_DEFAULTS = {
     "model": "openai-community/gpt2",
@@ -370,9 +370,13 @@ class ActivationLoader:
         """Resume from ``state`` at the next iteration (call before iterating).
 
         Raises ``ValueError`` at once, listing each difference, if ``state`` was saved by a loader
-        built with other arguments.
+        built with other arguments, or if ``write_hdf5`` names a file that does not hold the rows
+        served before the save (it would be left with a gap).
         """
-        check_fingerprint(state[LoaderIterator.ROOT_KEY]["fingerprint"], self._node.fingerprint())
+        root = state[LoaderIterator.ROOT_KEY]
+        check_fingerprint(root["fingerprint"], self._node.fingerprint())
+        if isinstance(self.spec, StreamSpec) and self.spec.write_hdf5 is not None:
+            check_continuation(self.spec, int(root["frontiers"][0]))
         self._loader = Loader(self._node)  # torchdata 0.11 ignores a load after an earlier state_dict()
         self._loader.load_state_dict(state)
         self._loaded = state[LoaderIterator.ROOT_KEY]  # what start() launches the generators for

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torchdata.nodes import BaseNode
 
-from actvpipe.hdf5 import FORMAT, Hdf5RowWriter, dtype_name, open_cache_file
+from actvpipe.hdf5 import FORMAT, Hdf5RowWriter, dtype_name, open_cache_file, open_h5
 from actvpipe.records import RowBlock
 
 if TYPE_CHECKING:
@@ -52,6 +52,29 @@ def check_write_target(path: str | os.PathLike, spec: StreamSpec) -> str:
                 "pass a new path, or delete the file to write it again"
             )
     return str(target)
+
+
+def check_continuation(spec: StreamSpec, frontier: int) -> None:
+    """A restored pass continues the file its run wrote, which holds every row published before the
+    save (rows are committed before they are published): a file missing those rows would keep a gap.
+    Row ids are contiguous unless tokens are excluded, contexts padded or ranks interleaved; then
+    only a missing or empty file is caught."""
+    if frontier == 0:
+        return
+    path = spec.write_hdf5
+    rows = open_cache_file(path).rows if os.path.exists(path) else 0
+    last = -1
+    if rows:
+        with open_h5(path) as f:
+            last = int(f["seq"][rows - 1]) * (spec.context_length - spec.first_pos) + int(f["pos"][rows - 1])
+        last -= spec.first_pos
+    contiguous = not spec.exclude_tokens and spec.packing == "concat" and spec.world_size == 1
+    if last < 0 or (contiguous and last + 1 < frontier):
+        raise ValueError(
+            f"write_hdf5: {path!r} holds {rows:,} rows, but the state was saved after {frontier:,} rows of "
+            "the pass had been published; a restored pass continues the file its run wrote. Pass that "
+            "file's path, or a new path without restoring the state (a fresh pass writes it whole)"
+        )
 
 
 class WriteThrough(BaseNode[RowBlock]):

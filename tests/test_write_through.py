@@ -188,3 +188,27 @@ def test_demo_streams_and_caches_then_completes_the_file(tmp_path):
     with h5py.File(path, "r") as f:
         ids = f["seq"][:] * 127 + f["pos"][:] - 1  # demo contexts of 128 tokens, BOS excluded
     assert np.array_equal(ids, np.arange(whole.rows)), "no gap and no duplicate across the two runs"
+
+
+def test_a_restore_must_continue_the_file_its_run_wrote(stream, tmp_path):
+    """A state restored with ``write_hdf5=`` naming a file without the rows served before the save
+    is refused at ``load_state_dict``: the file would keep a gap."""
+    with stream.buffer(1500).batch(100) as loader:
+        batches = iter(loader)
+        for _ in range(5):
+            next(batches)
+        state = pickle.loads(pickle.dumps(loader.state_dict()))
+    fresh = stream.buffer(1500, write_hdf5=tmp_path / "new.h5").batch(100)
+    with pytest.raises(ValueError, match=r"new.h5' holds 0 rows, but the state was saved after [\d,]+ rows"):
+        fresh.load_state_dict(state)
+    short = tmp_path / "short.h5"
+    with stream.buffer(1500, write_hdf5=short).batch(100) as loader:  # a run that wrote a little
+        next(iter(loader))
+    written = open_cache_file(str(short)).rows
+    writer = Hdf5RowWriter.continue_file(short)  # the file loses its last rows (copied before the save)
+    writer.file.attrs["row_count"] = 10
+    writer.file.close()
+    loader = stream.buffer(1500, write_hdf5=short).batch(100)
+    with pytest.raises(ValueError, match=r"short.h5' holds 10 rows"):
+        loader.load_state_dict(state)
+    assert written > 10
