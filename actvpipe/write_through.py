@@ -54,6 +54,11 @@ def check_write_target(path: str | os.PathLike, spec: StreamSpec) -> str:
     return str(target)
 
 
+def row_id(seq: int, pos: int, context_length: int, first_pos: int) -> int:
+    """The id of the row at position ``pos`` of context ``seq`` (see ``capture.row_provenance``)."""
+    return seq * (context_length - first_pos) + pos - first_pos
+
+
 def check_continuation(spec: StreamSpec, frontier: int) -> None:
     """A restored pass continues the file its run wrote, which holds every row published before the
     save (rows are committed before they are published): a file missing those rows would keep a gap.
@@ -66,8 +71,8 @@ def check_continuation(spec: StreamSpec, frontier: int) -> None:
     last = -1
     if rows:
         with open_h5(path) as f:
-            last = int(f["seq"][rows - 1]) * (spec.context_length - spec.first_pos) + int(f["pos"][rows - 1])
-        last -= spec.first_pos
+            seq, pos = int(f["seq"][rows - 1]), int(f["pos"][rows - 1])
+        last = row_id(seq, pos, spec.context_length, spec.first_pos)
     contiguous = not spec.exclude_tokens and spec.packing == "concat" and spec.world_size == 1
     if last < 0 or (contiguous and last + 1 < frontier):
         raise ValueError(
@@ -82,7 +87,7 @@ class WriteThrough(BaseNode[RowBlock]):
     end of the pass adds the statistics and marks the file complete.
 
     Row ids ascend through a pass, so "not held yet" is "after the file's last row" (its ``seq`` and
-    ``pos`` give its id: ``seq * (context_length - first_pos) + pos - first_pos``).
+    ``pos`` give its id, ``row_id``).
     """
 
     def __init__(
@@ -98,7 +103,7 @@ class WriteThrough(BaseNode[RowBlock]):
         super().__init__()
         self.source = source
         self.path, self.row_shape, self.dtype, self.attrs = path, row_shape, dtype, attrs
-        self.per_context, self.first_pos = context_length - first_pos, first_pos
+        self.context_length, self.first_pos = context_length, first_pos
         self._writer: Hdf5RowWriter | None = None
         self._last = -1
 
@@ -115,7 +120,7 @@ class WriteThrough(BaseNode[RowBlock]):
             return  # the file already holds the whole pass
         last = self._writer.last_row
         if last is not None:
-            self._last = last["seq"] * self.per_context + last["pos"] - self.first_pos
+            self._last = row_id(last["seq"], last["pos"], self.context_length, self.first_pos)
 
     def next(self) -> RowBlock:
         try:
