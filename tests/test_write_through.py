@@ -140,6 +140,13 @@ def test_a_writer_killed_at_any_instant_leaves_a_valid_continuable_file(tmp_path
             assert np.array_equal(f["seq"][: file.rows], expected)
         last = file.rows
     assert last > 1000, "the writer committed rows between kills"
+
+    def inspect() -> str:
+        command = [sys.executable, "-m", "actvpipe", "inspect", str(path)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+
+    shown = inspect()  # the killed writer's file, as it is
+    assert f"{last:,} rows of [2, 3, 8]" in shown and "complete: False" in shown
     writer = Hdf5RowWriter.continue_file(path)
     assert writer.rows == last
     writer.finish()
@@ -148,10 +155,8 @@ def test_a_writer_killed_at_any_instant_leaves_a_valid_continuable_file(tmp_path
     with h5py.File(path, "r") as f:
         assert np.array_equal(f["activations"][:, 0, 0, 0], np.arange(last))
         assert f["stats/mean"][0, 0, 0] == pytest.approx((last - 1) / 2)
-    shown = subprocess.run(
-        [sys.executable, "-m", "actvpipe", "inspect", str(path)], capture_output=True, text=True, timeout=120
-    )
-    assert f"{last:,} rows of [2, 3, 8]" in shown.stdout and "complete: True" in shown.stdout
+    shown = inspect()
+    assert f"{last:,} rows of [2, 3, 8]" in shown and "complete: True" in shown
 
 
 def test_bad_write_targets_fail_before_any_work(stream, reference, model_dir, docs, tmp_path):
