@@ -12,7 +12,8 @@ import torch
 from torchdata.nodes import Loader
 from tqdm import tqdm
 
-from actvpipe.hdf5 import Hdf5Rows, Hdf5RowWriter, from_storage, storage_dtype
+from actvpipe.hdf5 import Hdf5Rows, from_storage, storage_dtype
+from actvpipe.hdf5_writer import Hdf5RowWriter
 from actvpipe.records import RowBlock
 from actvpipe.resume import ResumePlan
 from actvpipe.spec import Hdf5Spec, StreamSpec

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torchdata.nodes import BaseNode
 
-from actvpipe.hdf5 import FORMAT, Hdf5RowWriter, dtype_name, open_cache_file, open_h5
+from actvpipe.hdf5 import FORMAT, dtype_name, open_cache_file, open_h5
+from actvpipe.hdf5_writer import Hdf5RowWriter
 from actvpipe.records import RowBlock
 
 if TYPE_CHECKING:

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 import actvpipe
-from actvpipe.hdf5 import META_DATASETS, Hdf5RowWriter
+from actvpipe.hdf5 import META_DATASETS
+from actvpipe.hdf5_writer import Hdf5RowWriter
 from actvpipe.records import RowBlock
 from benchmarks.common import Result, cli, warm_memory
 

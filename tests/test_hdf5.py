@@ -14,7 +14,7 @@ import torch
 from conftest import assert_exact_batches, reference_pass
 
 import actvpipe
-from actvpipe.hdf5 import Hdf5RowWriter
+from actvpipe.hdf5_writer import Hdf5RowWriter
 from actvpipe.records import RowBlock
 
 CTX = 32

@@ -17,7 +17,8 @@ import torch
 
 import actvpipe
 from actvpipe.generator import GeneratorError
-from actvpipe.hdf5 import Hdf5RowWriter, open_cache_file
+from actvpipe.hdf5 import open_cache_file
+from actvpipe.hdf5_writer import Hdf5RowWriter
 
 CTX = 32
 
@@ -103,7 +104,7 @@ def test_a_killed_run_restored_from_its_state_continues_the_file(stream, referen
 
 WRITER = """
 import sys, numpy as np, torch
-from actvpipe.hdf5 import Hdf5RowWriter
+from actvpipe.hdf5_writer import Hdf5RowWriter
 from actvpipe.records import RowBlock
 path, seed = sys.argv[1], int(sys.argv[2])
 writer = (Hdf5RowWriter(path, (2, 3, 8), torch.float32, {"layers": [0, 1, 2], "d_model": 8}, durable=True)
