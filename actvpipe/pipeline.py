@@ -45,7 +45,7 @@ def build_rows_graph(
     )
     contexts = Prefetcher(PlannedContexts(packer, plan), prefetch_factor=4)
     captures = [ActivationCapture(m, spec.layers, spec.first_pos, spec.capture, spec.modules) for m in models]
-    capture = captures[0] if not isinstance(spec.model, tuple) else SideBySideCapture(captures)
+    capture = SideBySideCapture(captures) if spec.diffing else captures[0]
     rows = CaptureNode(contexts, capture, spec.dtype, placement, spec.exclude_tokens)
     rows = RowFilter(rows, plan)
     if spec.write_hdf5 is None:

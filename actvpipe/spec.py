@@ -54,8 +54,13 @@ class StreamSpec:
     write_hdf5: str | None = field(default=None, metadata=RUNTIME)  # see ``WriteThrough``
 
     @property
+    def diffing(self) -> bool:
+        """Several models side by side in each row (a models axis), even a list of one."""
+        return isinstance(self.model, tuple)
+
+    @property
     def sources(self) -> tuple[ModelSource, ...]:
-        return self.model if isinstance(self.model, tuple) else (self.model,)
+        return self.model if self.diffing else (self.model,)
 
     @property
     def n_models(self) -> int:
@@ -78,7 +83,7 @@ class StreamSpec:
 
     @property
     def row_shape(self) -> tuple[int, ...]:
-        models = (self.n_models,) if isinstance(self.model, tuple) else ()
+        models = (self.n_models,) if self.diffing else ()
         return (*models, len(self.capture), len(self.layers), self.d_model)
 
     def rows_graph(self, plan, fill=None, report=None):
@@ -98,7 +103,7 @@ class StreamSpec:
     def fingerprint(self) -> dict[str, object]:
         """The options a saved state must match to be restored, and the content of the model and the
         data (a state restored onto changed data or weights would regenerate other rows)."""
-        models = [s.content for s in self.sources] if isinstance(self.model, tuple) else self.model.content
+        models = [s.content for s in self.sources] if self.diffing else self.model.content
         content = {"model_content": models, "dataset_content": self.dataset.content}
         return {**self.options("restore"), **content}
 
@@ -109,7 +114,7 @@ class StreamSpec:
 
         tokenizer = self.tokenizer
         hashes = [s.config_hash for s in self.sources]
-        several = {"n_models": self.n_models} if isinstance(self.model, tuple) else {}
+        several = {"n_models": self.n_models} if self.diffing else {}
         return {
             **{k: v for k, v in self.options("file").items() if v is not None},
             **several,
