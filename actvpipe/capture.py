@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torchdata.nodes import BaseNode
 
+from actvpipe.outputs import OutputPool
 from actvpipe.placement import Placement
 from actvpipe.records import ContextBlock, RowBlock
 
@@ -165,10 +166,13 @@ class ActivationCapture:
                 else:
                     hook = outputs[point].register_forward_hook(_output_hook(save))
                 self._handles.append(hook)
-        self._stage: torch.Tensor | None = None
+        self._stages: OutputPool | None = None
+        self._target: torch.Tensor | None = None
 
     def _saver(self, side: int, j: int, stop: bool) -> Callable[[torch.Tensor], None]:
         def save(x: torch.Tensor) -> None:
+            if self._target is None:  # the model runs for something else (another capture on it)
+                return
             self._target[:, :, side, j, :] = x[:, self.first_pos :, :]
             if stop:
                 raise _StopForward
@@ -186,14 +190,18 @@ class ActivationCapture:
         """Rows ``[batch * (ctx - first_pos), k, n_layers, d_model]`` (k capture points) for contexts
         ``tokens [batch, ctx]``, or written into ``into`` (a view shaped as ``stage_shape``).
 
-        The result is a view of a staging tensor reused by the next call: copy it out first.
+        The result is a view of a pooled staging tensor, written again only once nothing references it.
         """
         shape = self.stage_shape(tokens)
         if into is None:
-            into = self._stage = staging(self._stage, shape, self.model, tokens.device)
+            self._stages = staging(self._stages, shape, self.model, tokens.device)
+            into = self._stages.take(shape[0])
         self._target = into
-        with contextlib.suppress(_StopForward):
-            self.model(input_ids=tokens, use_cache=False)
+        try:
+            with contextlib.suppress(_StopForward):
+                self.model(input_ids=tokens, use_cache=False)
+        finally:
+            self._target = None  # held here, it would keep the pool from reusing the tensor
         return into.view(-1, *shape[2:]) if into.is_contiguous() else into
 
     def remove(self) -> None:
@@ -201,11 +209,14 @@ class ActivationCapture:
             handle.remove()
 
 
-def staging(current: torch.Tensor | None, shape: tuple[int, ...], model: nn.Module, device) -> torch.Tensor:
-    """``current`` when it fits, else a new staging tensor in the model's dtype."""
-    if current is not None and current.shape == shape and current.device == device:
-        return current
-    return torch.empty(shape, dtype=next(model.parameters()).dtype, device=device)
+def staging(pool: OutputPool | None, shape: tuple[int, ...], model: nn.Module, device) -> OutputPool:
+    """``pool`` when its tensors hold ``shape``, else a new pool of staging tensors in the model's
+    dtype. A pool, not one tensor: the rows of a block still being written out (to the buffer, to a
+    write-through file) are never overwritten by the next forward."""
+    fits = pool is not None and pool.shape[1:] == shape[1:] and pool.shape[0] >= shape[0]
+    if fits and pool.device == device:
+        return pool
+    return OutputPool(shape, next(model.parameters()).dtype, device=device)
 
 
 class SideBySideCapture:
@@ -216,15 +227,16 @@ class SideBySideCapture:
     def __init__(self, captures: Sequence[ActivationCapture]):
         self.captures = list(captures)
         self.first_pos = self.captures[0].first_pos
-        self._stage: torch.Tensor | None = None
+        self._stages: OutputPool | None = None
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         batch, positions, *row = self.captures[0].stage_shape(tokens)
         shape = (batch, positions, len(self.captures), *row)
-        self._stage = staging(self._stage, shape, self.captures[0].model, tokens.device)
+        self._stages = staging(self._stages, shape, self.captures[0].model, tokens.device)
+        stage = self._stages.take(batch)
         for m, capture in enumerate(self.captures):
-            capture(tokens, into=self._stage[:, :, m])
-        return self._stage.view(-1, *shape[2:])
+            capture(tokens, into=stage[:, :, m])
+        return stage.view(-1, *shape[2:])
 
     def remove(self) -> None:
         for capture in self.captures:
@@ -258,10 +270,12 @@ class _InFlight:
 class CaptureNode(BaseNode[RowBlock]):
     """Runs the model over each block of contexts and yields its rows with their provenance.
 
-    On a GPU, rows go to the host through two alternating pinned buffers with non-blocking copies:
-    the next block's forward is queued before the previous block's copy is waited for, so copies
-    overlap compute and nothing synchronises per layer. The state is that of the contexts behind
-    the last block returned, whatever is in flight.
+    On a GPU, rows go to the host through pinned buffers with non-blocking copies: the next block's
+    forward is queued before the previous block's copy is waited for, so copies overlap compute and
+    nothing synchronises per layer. Each block gets its own pinned tensor from torch's pinned-memory
+    cache, which recycles one only once its copy is done and nothing references it, so a block held
+    downstream (being written to the buffer or a file) is never overwritten. The state is that of
+    the contexts behind the last block returned, whatever is in flight.
     """
 
     def __init__(
@@ -278,8 +292,6 @@ class CaptureNode(BaseNode[RowBlock]):
         self.capture = capture
         self.out_dtype = out_dtype
         self.placement = placement
-        self._pinned: dict[int, torch.Tensor] = {}
-        self._turn = 0
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
@@ -295,10 +307,7 @@ class CaptureNode(BaseNode[RowBlock]):
         rows = self.capture(tokens)
         if device.type != "cuda":
             return _InFlight(rows.to(self.out_dtype), block, state)
-        self._turn ^= 1  # the other buffer holds the block returned last, still being consumed
-        host = self._pinned.get(self._turn)
-        if host is None or host.shape != rows.shape:
-            host = self._pinned[self._turn] = torch.empty(rows.shape, dtype=self.out_dtype, pin_memory=True)
+        host = torch.empty(rows.shape, dtype=self.out_dtype, pin_memory=True)
         host.copy_(rows.to(self.out_dtype), non_blocking=True)
         done = torch.cuda.Event()
         done.record()

@@ -92,6 +92,7 @@ def generator_main(
                 return
             buffer.count_computed(block.computed, index)
             write_block(buffer, block, block.next_block, should_stop, index)
+            del block  # nothing holds its staging tensor now: the next forward reuses it
         buffer.finish(index)
     except _Stopped:
         return

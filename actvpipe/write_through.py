@@ -10,6 +10,8 @@ that the file already holds are not written again, so it has no gap and no dupli
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +90,10 @@ class WriteThrough(BaseNode[RowBlock]):
     end of the pass adds the statistics and marks the file complete.
 
     Row ids ascend through a pass, so "not held yet" is "after the file's last row" (its ``seq`` and
-    ``pos`` give its id, ``row_id``).
+    ``pos`` give its id, ``row_id``). A block's rows are written on a background thread while the
+    next block is computed, and the block is returned once they are committed: the write costs the
+    pass little time, at the price of one more block in memory and a block's delay before its rows
+    can be served.
     """
 
     def __init__(
@@ -106,11 +111,14 @@ class WriteThrough(BaseNode[RowBlock]):
         self.path, self.row_shape, self.dtype, self.attrs = path, row_shape, dtype, attrs
         self.context_length, self.first_pos = context_length, first_pos
         self._writer: Hdf5RowWriter | None = None
+        self._thread: ThreadPoolExecutor | None = None
         self._last = -1
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
         self.source.reset(initial_state)
+        self._pending: _Pending | None = None
+        self._state = self.source.state_dict()
         if self._writer is not None:
             return
         if not os.path.exists(self.path):
@@ -119,25 +127,55 @@ class WriteThrough(BaseNode[RowBlock]):
             self._writer = Hdf5RowWriter.continue_file(self.path)
         else:
             return  # the file already holds the whole pass
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="actvpipe-write-through")
         last = self._writer.last_row
         if last is not None:
             self._last = row_id(last["seq"], last["pos"], self.context_length, self.first_pos)
 
     def next(self) -> RowBlock:
+        current = self._pending or self._pull()
+        if current is _END:
+            self._pending = _END
+            self._finish()
+            raise StopIteration
+        self._pending = self._pull()  # the next forward runs while this block is written
+        if current.written is not None:
+            current.written.result()
+        self._state = current.state
+        return current.block
+
+    def _pull(self) -> _Pending:
+        """The source's next block, its new rows handed to the writer thread (``_END`` at the end)."""
         try:
             block = next(self.source)
         except StopIteration:
-            if self._writer is not None:
-                self._writer.finish()
-                self._writer = None
-            raise
+            return _END
+        written = None
         if self._writer is not None and len(block):
             ids = block.meta["row_id"]
             new = ids > self._last
             if new.any():
-                self._writer.write(block if new.all() else block.select(new))
+                written = self._thread.submit(self._writer.write, block if new.all() else block.select(new))
                 self._last = int(ids[new][-1])
-        return block
+        return _Pending(block, written, self.source.state_dict())
+
+    def _finish(self) -> None:
+        if self._writer is not None:
+            self._thread.shutdown()
+            self._writer.finish()
+            self._writer = self._thread = None
 
     def get_state(self) -> dict[str, Any]:
-        return self.source.state_dict()
+        return self._state
+
+
+@dataclass
+class _Pending:
+    """A block pulled from the source, ``written`` while the next one is computed."""
+
+    block: RowBlock
+    written: Future | None
+    state: dict[str, Any]
+
+
+_END = _Pending(None, None, {})  # the source ended

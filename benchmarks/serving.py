@@ -42,19 +42,19 @@ def full_buffer(size: int, row_shape: tuple[int, ...]) -> tuple[SharedRowBuffer,
 
 
 def seconds_per_batch(
-    buffer: SharedRowBuffer, ledger: Ledger, batch: int, seconds: float, pooled: bool = True
+    buffer: SharedRowBuffer, ledger: Ledger, batch: int, seconds: float, pool: OutputPool | None
 ) -> float:
     """The training side's serving path per batch (draw, gather, remove, grant, publish), holding
-    each batch until the next is drawn as a training loop does: gathered into the loader's
-    ``OutputPool`` (its default), or into a fresh tensor each time. The refill the generator would
-    do (claim and push the granted slots) runs between batches, untimed."""
+    each batch until the next is drawn as a training loop does: gathered into ``pool`` (the loader's
+    default; one pool for the whole run, as a loader keeps its own, so windows after the warm-up
+    time the steady state), or into a fresh tensor each time (``None``). The refill the generator
+    would do (claim and push the granted slots) runs between batches, untimed."""
     rng = np.random.default_rng(0)
-    pool = OutputPool((batch, *buffer.row_shape), buffer.dtype)
     n, timed, served = 0, 0.0, None
     while timed < seconds:
         start = time.perf_counter()
         draw = ledger.draw(batch, rng)
-        served = buffer.gather(draw.slots, pool.take(batch) if pooled else None)
+        served = buffer.gather(draw.slots, None if pool is None else pool.take(batch))
         ledger.remove(draw)
         ledger.grant()
         timed += time.perf_counter() - start
@@ -91,9 +91,10 @@ def p2(quick: bool) -> tuple[float, float, float]:
     buffer, ledger = full_buffer(size, GPT2_SMALL_ROW)
     src, dst = torch.randn(batch, *GPT2_SMALL_ROW), torch.empty(batch, *GPT2_SMALL_ROW)
 
+    pool = OutputPool((batch, *buffer.row_shape), buffer.dtype)
     sides = {
-        "default": lambda t: seconds_per_batch(buffer, ledger, batch, t, pooled=True),
-        "fresh": lambda t: seconds_per_batch(buffer, ledger, batch, t, pooled=False),
+        "default": lambda t: seconds_per_batch(buffer, ledger, batch, t, pool),
+        "fresh": lambda t: seconds_per_batch(buffer, ledger, batch, t, None),
         "copy": lambda t: one_thread_seconds(lambda: dst.copy_(src), t),
     }
     window = 1.5 if quick else 5.0
@@ -124,8 +125,10 @@ def p5(quick: bool) -> tuple[float, float]:
             lambda: torch.index_select(rows, 0, torch.from_numpy(rng.integers(0, size, batch))), seconds
         )
 
+    pool = OutputPool((batch, *buffer.row_shape), buffer.dtype)
+
     def ours(seconds: float) -> float:
-        return seconds_per_batch(buffer, ledger, batch, seconds)
+        return seconds_per_batch(buffer, ledger, batch, seconds, pool)
 
     try:
         ours(0.5), plain(0.5)

@@ -10,7 +10,7 @@ from conftest import reference_contexts
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import actvpipe
-from actvpipe.capture import ActivationCapture
+from actvpipe.capture import ActivationCapture, SideBySideCapture
 
 CTX = 32
 SMALL = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, "num_hidden_layers": 2}
@@ -219,3 +219,21 @@ def test_forward_stops_after_the_last_module_needed(arch_dirs, contexts, capture
     capture(contexts["gpt2"])
     assert set(runs) <= called
     assert not set(skipped) & called
+
+
+def test_rows_still_held_are_never_overwritten_by_the_next_forward(arch_dirs, contexts):
+    """Staging tensors come from a pool: a forward writes only a tensor nothing references, so a block
+    still being written out (to the buffer, to a write-through file) keeps its rows."""
+    tokens = contexts["gpt2"]
+    models = [AutoModel.from_pretrained(arch_dirs["gpt2"]).eval() for _ in range(2)]
+    single = ActivationCapture(models[0], [0, 1], 0)
+    side_by_side = SideBySideCapture([ActivationCapture(m, [0, 1], 0) for m in models])
+    for capture in (single, side_by_side):
+        held = capture(tokens)
+        expected = held.clone()
+        other = capture(tokens.flip(1))
+        assert not torch.equal(other, expected)
+        assert torch.equal(held, expected), "the next forward wrote over rows still held"
+        address = held.data_ptr()
+        del held
+        assert capture(tokens).data_ptr() == address, "once dropped, its tensor is reused"

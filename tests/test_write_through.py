@@ -3,6 +3,7 @@ any instant leaves a valid, readable, continuable file; a restored loader contin
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import signal
@@ -14,11 +15,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from torchdata.nodes import BaseNode, Loader
 
 import actvpipe
 from actvpipe.generator import GeneratorError
 from actvpipe.hdf5 import open_cache_file
 from actvpipe.hdf5_writer import Hdf5RowWriter
+from actvpipe.resume import ResumePlan
+from actvpipe.write_through import WriteThrough
 
 CTX = 32
 
@@ -64,6 +68,46 @@ def test_a_pass_mixed_with_disk_rows_writes_exactly_the_live_rows(stream, refere
     with stream.buffer(3000, write_hdf5=path).batch(500) as loader:
         assert sum(len(b) for b in loader) == open_cache_file(str(path)).rows
     assert os.stat(path).st_mtime_ns == before
+
+
+class CountedPulls(BaseNode):
+    """The write-through node's real source, counting the blocks pulled from it."""
+
+    def __init__(self, source: BaseNode):
+        super().__init__()
+        self.source, self.pulls = source, 0
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        self.source.reset(initial_state)
+
+    def next(self):
+        block = next(self.source)
+        self.pulls += 1
+        return block
+
+    def get_state(self) -> dict:
+        return self.source.state_dict()
+
+
+def test_blocks_are_committed_before_they_are_returned_and_written_during_the_next_forward(
+    stream, reference, tmp_path
+):
+    """The generator's own graph in-process: each block comes out only once its rows are committed
+    (``row_count`` covers it), and the next block has been computed by then (its write overlapped
+    that forward); the file is the one ``to_hdf5`` writes."""
+    path = tmp_path / "acts.h5"
+    graph = dataclasses.replace(stream.spec, write_hdf5=str(path)).rows_graph(ResumePlan.fresh())
+    assert isinstance(graph, WriteThrough)
+    graph.source = counted = CountedPulls(graph.source)
+    returned, pulls = 0, []
+    for block in Loader(graph):
+        returned += len(block)
+        assert graph._writer.file.attrs["row_count"] >= returned, "served before it was committed"
+        pulls.append(counted.pulls)
+    n = len(pulls)
+    assert n >= 3 and pulls == [min(k + 2, n) for k in range(n)], "the next block was not computed first"
+    assert_same_file(path, reference)
 
 
 def test_a_killed_run_restored_from_its_state_continues_the_file(stream, reference, tmp_path):
