@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from actvpipe.ledger import Ledger, initial_grants
 from actvpipe.mixing import Mixing, Observed
+from actvpipe.outputs import OutputPool
 from actvpipe.shm import SharedRowBuffer
 
 SIZE = 16
@@ -144,8 +145,9 @@ def test_the_serving_benchmark_drives_the_real_path():
 
     buffer, ledger = full_buffer(SIZE * 8, (1, 1, 2))
     try:
-        assert seconds_per_batch(buffer, ledger, 10, 0.05, pooled=False) > 0
-        assert sorted(locations(buffer, ledger, [[]])) == list(range(SIZE * 8))
-        assert ledger.fill() == SIZE * 8
+        for pool in (None, OutputPool((10, 1, 1, 2), torch.float32)):  # fresh tensors, the loader's pool
+            assert seconds_per_batch(buffer, ledger, 10, 0.05, pool) > 0
+            assert sorted(locations(buffer, ledger, [[]])) == list(range(SIZE * 8))
+            assert ledger.fill() == SIZE * 8
     finally:
         buffer.unlink()
