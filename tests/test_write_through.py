@@ -105,9 +105,12 @@ def test_blocks_are_committed_before_they_are_returned_and_written_during_the_ne
         returned += len(block)
         assert graph._writer.file.attrs["row_count"] >= returned, "served before it was committed"
         pulls.append(counted.pulls)
+        del block  # as the generator does once the block is in the buffer
     n = len(pulls)
     assert n >= 3 and pulls == [min(k + 2, n) for k in range(n)], "the next block was not computed first"
     assert_same_file(path, reference)
+    capture = counted.source.source.capture  # RowFilter -> CaptureNode
+    assert len(capture._stages._tensors) == 2, "one block in memory more than without the file"
 
 
 def test_a_killed_run_restored_from_its_state_continues_the_file(stream, reference, tmp_path):
