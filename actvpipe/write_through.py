@@ -112,12 +112,15 @@ class WriteThrough(BaseNode[RowBlock]):
         self.context_length, self.first_pos = context_length, first_pos
         self._writer: Hdf5RowWriter | None = None
         self._thread: ThreadPoolExecutor | None = None
+        self._pending: _Pending | None = None
         self._last = -1
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
         self.source.reset(initial_state)
-        self._pending: _Pending | None = None
+        if self._pending is not None and self._pending.written is not None:
+            self._pending.written.result()  # a write in flight ends (or raises) before the restart
+        self._pending = None
         self._state = self.source.state_dict()
         if self._writer is not None:
             return
