@@ -1,20 +1,21 @@
 """actvpipe: fast, exact, resumable streaming of transformer activations to interpretability training."""
 
+from actvpipe.batches import TokenBatch
 from actvpipe.config import (
     DataLoaderConfig,
     actvs_loader_from_config,
     actvs_loader_from_production_config,
     actvs_loader_from_test_config,
 )
-from actvpipe.demo import demo_stream
 from actvpipe.generator import GeneratorError
-from actvpipe.sampling import TokenBatch
-from actvpipe.stream import ActivationLoader, ActivationStream, BufferedStream, from_hdf5, gpt2_stream, stream
-
-__version__ = "0.1.0"
+from actvpipe.loader import ActivationLoader
+from actvpipe.stats import ActivationStats
+from actvpipe.stream import ActivationStream, BufferedStream, demo_stream, from_hdf5, gpt2_stream, stream
+from actvpipe.version import __version__
 
 __all__ = [
     "ActivationLoader",
+    "ActivationStats",
     "ActivationStream",
     "BufferedStream",
     "DataLoaderConfig",
@@ -27,4 +28,5 @@ __all__ = [
     "from_hdf5",
     "gpt2_stream",
     "stream",
+    "__version__",
 ]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torchdata.nodes import BaseNode
 
+from actvpipe.generator_node import PlannedNode
 from actvpipe.outputs import OutputPool
 from actvpipe.placement import Placement
 from actvpipe.records import ContextBlock, RowBlock
@@ -158,9 +159,9 @@ class ActivationCapture:
             block = find_module(model, templates[1].rsplit(".", 1)[0], layer)
             inputs = {"resid_pre": block, "resid_mid": norm, "mlp_in": mlp}
             outputs = {"mlp_out": mlp, "resid_post": block, "attn_out": attn[0] if attn else None}
-            for side, point in enumerate(self.capture):
+            for point_index, point in enumerate(self.capture):
                 stop = j == len(self.layers) - 1 and point == last_point
-                save = self._saver(side, j, stop)
+                save = self._saver(point_index, j, stop)
                 if point in inputs:
                     hook = inputs[point].register_forward_pre_hook(_input_hook(save), with_kwargs=True)
                 else:
@@ -169,11 +170,11 @@ class ActivationCapture:
         self._stages: OutputPool | None = None
         self._target: torch.Tensor | None = None
 
-    def _saver(self, side: int, j: int, stop: bool) -> Callable[[torch.Tensor], None]:
+    def _saver(self, point_index: int, j: int, stop: bool) -> Callable[[torch.Tensor], None]:
         def save(x: torch.Tensor) -> None:
             if self._target is None:  # the model runs for something else (another capture on it)
                 return
-            self._target[:, :, side, j, :] = x[:, self.first_pos :, :]
+            self._target[:, :, point_index, j, :] = x[:, self.first_pos :, :]
             if stop:
                 raise _StopForward
 
@@ -219,7 +220,7 @@ def staging(pool: OutputPool | None, shape: tuple[int, ...], model: nn.Module, d
     return OutputPool(shape, next(model.parameters()).dtype, device=device)
 
 
-class SideBySideCapture:
+class MultiModelCapture:
     """Several models' captures on the same contexts, each writing its rows straight into its slot of
     one staging tensor: rows ``[batch * (ctx - first_pos), n_models, k, n_layers, d_model]``, so every
     row holds all models at the same token and the rest of the pipeline sees one row."""
@@ -263,25 +264,23 @@ class _InFlight:
 
     rows: torch.Tensor
     block: ContextBlock
-    contexts_state: dict
     done: Any = None
 
 
-class CaptureNode(BaseNode[RowBlock]):
+class CaptureNode(PlannedNode[RowBlock]):
     """Runs the model over each block of contexts and yields its rows with their provenance.
 
     On a GPU, rows go to the host through pinned buffers with non-blocking copies: the next block's
     forward is queued before the previous block's copy is waited for, so copies overlap compute and
     nothing synchronises per layer. Each block gets its own pinned tensor from torch's pinned-memory
     cache, which recycles one only once its copy is done and nothing references it, so a block held
-    downstream (being written to the buffer or a file) is never overwritten. The state is that of
-    the contexts behind the last block returned, whatever is in flight.
+    downstream (being written to the buffer or a file) is never overwritten.
     """
 
     def __init__(
         self,
         contexts: BaseNode[ContextBlock],
-        capture: ActivationCapture | SideBySideCapture,
+        capture: ActivationCapture | MultiModelCapture,
         out_dtype: torch.dtype,
         placement: Placement,
         exclude_tokens: Sequence[int] = (),
@@ -297,21 +296,19 @@ class CaptureNode(BaseNode[RowBlock]):
         super().reset(initial_state)
         self.contexts.reset(initial_state)
         self._in_flight: _InFlight | None = None
-        self._state = self.contexts.state_dict()
 
     def _launch(self) -> _InFlight:
         block = next(self.contexts)
-        state = self.contexts.state_dict()
         device = self.placement.update()
         tokens = torch.from_numpy(block.tokens).to(device)
         rows = self.capture(tokens)
         if device.type != "cuda":
-            return _InFlight(rows.to(self.out_dtype), block, state)
+            return _InFlight(rows.to(self.out_dtype), block)
         host = torch.empty(rows.shape, dtype=self.out_dtype, pin_memory=True)
         host.copy_(rows.to(self.out_dtype), non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return _InFlight(host, block, state, done)
+        return _InFlight(host, block, done)
 
     def next(self) -> RowBlock:
         current = self._in_flight or self._launch()
@@ -320,16 +317,12 @@ class CaptureNode(BaseNode[RowBlock]):
             with contextlib.suppress(StopIteration):
                 self._in_flight = self._launch()  # queue the next forward before waiting
             current.done.synchronize()
-        self._state = current.contexts_state
         block, rows = current.block, current.rows
         next_block = (block.next_seq, *block.next_start)
         meta = row_provenance(block, self.capture.first_pos)
         out = RowBlock(rows, meta, next_block, computed=len(rows))
         keep = kept_rows(meta, block, self.exclude_tokens)
         return out if keep is None else out.select(keep)
-
-    def get_state(self) -> dict[str, Any]:
-        return self._state
 
 
 def kept_rows(meta: dict[str, np.ndarray], block: ContextBlock, exclude: np.ndarray) -> np.ndarray | None:

@@ -7,18 +7,19 @@ import os
 import sys
 import time
 
+from actvpipe.defaults import default_of
+from actvpipe.hdf5 import open_cache_file
+from actvpipe.stream import ActivationStream, demo_stream, from_hdf5, stream
+
 
 def demo(args: argparse.Namespace) -> None:
     """Stream batches from the embedded default (tiny model, bundled corpus), fully offline, with the
     live dashboard on stderr."""
-    import actvpipe
-
-    stream = actvpipe.demo_stream()
     rows = 0
     steps = args.steps if args.steps is not None else 200 if args.log_dir else 20
     # With --log-dir every batch is logged, so even a short demo leaves its charts well filled.
     interval = 0.0 if args.log_dir else 0.2
-    buffered = stream.buffer(
+    buffered = demo_stream().buffer(
         args.buffer,
         log_dir=args.log_dir,
         progress=True,
@@ -40,20 +41,16 @@ def demo(args: argparse.Namespace) -> None:
     if args.log_dir:
         print(f"TensorBoard (combined charts under Custom Scalars): tensorboard --logdir {args.log_dir}")
     if args.write_hdf5:
-        from actvpipe.hdf5 import open_cache_file
-
-        file = open_cache_file(buffered.spec.write_hdf5)
+        file = open_cache_file(buffered.options.write_hdf5)
         state = (
             "complete" if file.complete else "incomplete: --steps 0 streams the whole pass and completes it"
         )
         print(f"cached {file.rows:,} rows in {file.path} ({state}); read it with actvpipe.from_hdf5")
 
 
-def _stream(args: argparse.Namespace):
-    import actvpipe
-
+def _stream(args: argparse.Namespace) -> ActivationStream:
     layers = [int(i) for i in args.layers.split(",")] if args.layers else None
-    return actvpipe.stream(
+    return stream(
         args.model,
         args.dataset,
         text_column=args.text_column,
@@ -69,9 +66,9 @@ def _add_stream_arguments(p: argparse.ArgumentParser, required: bool = True) -> 
     p.add_argument("--dataset", required=required, help="hub id, file or directory (json/jsonl/txt/parquet)")
     p.add_argument("--context-length", type=int, required=required)
     p.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--generation-batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
+    for name, kind in (("text_column", str), ("generation_batch_size", int), ("device", str)):
+        default = default_of(stream, name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=f"default {default}")
 
 
 def cache(args: argparse.Namespace) -> None:
@@ -85,15 +82,13 @@ def cache(args: argparse.Namespace) -> None:
 def stats(args: argparse.Namespace) -> None:
     """Print normalisation statistics (mean, std, mean norm per capture point and layer) as JSON: of
     a stream's first --rows rows, or of an HDF5 cache file's first --rows rows."""
-    import actvpipe
-
     if args.file is not None:
-        stream = actvpipe.from_hdf5(args.file)
+        source = from_hdf5(args.file)
     elif args.model and args.dataset and args.context_length:
-        stream = _stream(args)
+        source = _stream(args)
     else:
         raise ValueError("pass an HDF5 file, or --model, --dataset and --context-length")
-    result = stream.stats(args.rows)
+    result = source.stats(args.rows)
     text = result.to_json()
     if args.out:
         with open(args.out, "w") as f:
@@ -122,8 +117,6 @@ def bench(args: argparse.Namespace) -> None:
 
 def inspect(args: argparse.Namespace) -> None:
     """Print an activation file's shape, dtype, row count, size and attributes."""
-    from actvpipe.hdf5 import open_cache_file
-
     file = open_cache_file(args.file)
     mib = os.path.getsize(file.path) / 2**20
     print(f"{file.path}: {file.rows:,} rows of {list(file.row_shape)} {file.attrs['dtype']}, {mib:,.1f} MiB")
@@ -165,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("stats", help=stats.__doc__, description=stats.__doc__)
     p.add_argument("file", nargs="?", default=None, help="an HDF5 cache file (else a stream, below)")
     _add_stream_arguments(p, required=False)
-    p.add_argument("--rows", type=int, default=100_000, help="rows to compute over (default 100000)")
+    rows = default_of(ActivationStream.stats, "rows")
+    p.add_argument("--rows", type=int, default=rows, help=f"rows to compute over (default {rows})")
     p.add_argument("--out", default=None, help="write the JSON here instead of stdout")
     p.set_defaults(run=stats)
 

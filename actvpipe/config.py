@@ -6,23 +6,31 @@ from dataclasses import dataclass
 
 import torch
 
+from actvpipe.defaults import default_of
 from actvpipe.demo import DEMO_CONTEXT, corpus_path, demo_model_dir
-from actvpipe.stream import GPT2_DEFAULTS, ActivationLoader, stream
+from actvpipe.loader import ActivationLoader
+from actvpipe.stream import GPT2_DEFAULTS, ActivationStream, stream
+
+# The defaults the config shares with the fluent API, read from the API's signatures.
+STREAM_DTYPE = default_of(stream, "dtype")
+GENERATION_BATCH_SIZE = default_of(stream, "generation_batch_size")
+REFRESH_INTERVAL = default_of(ActivationStream.buffer, "refresh_interval")
 
 
 @dataclass
 class DataLoaderConfig:
-    """Settings of the original design; ``max_sequence_length`` is the context length."""
+    """Settings of the original design; ``max_sequence_length`` is the context length. Defaults are
+    GPT-2 small's, and ``stream()``'s and ``.buffer()``'s for the options they share."""
 
     buffer_size: int = 1_000_000
     activation_dim: int = 768
     n_layers: int = 12
     model_name: str = GPT2_DEFAULTS["model"]
-    model_dtype: torch.dtype = torch.float32
+    model_dtype: torch.dtype = STREAM_DTYPE
     dataset_name: str = GPT2_DEFAULTS["dataset"]
-    max_sequence_length: int = 1024
-    generation_batch_size: int = 32
-    refresh_interval: float = 0.1
+    max_sequence_length: int = GPT2_DEFAULTS["context_length"]
+    generation_batch_size: int = GENERATION_BATCH_SIZE
+    refresh_interval: float = REFRESH_INTERVAL
     max_batch_size: int = 500_000
 
 

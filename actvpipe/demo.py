@@ -13,9 +13,10 @@ import shutil
 import tempfile
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
 
 import torch
+
+from actvpipe.locations import cache_dir
 
 DEMO_CONFIG = {"n_layer": 4, "n_embd": 64, "n_head": 4, "n_positions": 256}
 DEMO_VOCAB = 2048
@@ -31,11 +32,6 @@ def corpus_path() -> Path:
 def corpus_texts() -> list[str]:
     with open(corpus_path()) as f:
         return [json.loads(line)["text"] for line in f]
-
-
-def cache_dir() -> Path:
-    """Where the demo model is built: ``$ACTVPIPE_CACHE`` or ``~/.cache/actvpipe``."""
-    return Path(os.environ.get("ACTVPIPE_CACHE", Path.home() / ".cache" / "actvpipe"))
 
 
 def demo_model_dir() -> Path:
@@ -87,11 +83,3 @@ def build_demo_model(out: Path) -> None:
         if bars:
             hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(out)
-
-
-def demo_stream(**overrides: Any):
-    """A stream over the embedded default: the tiny model on the bundled corpus, context 128, offline."""
-    from actvpipe.stream import stream
-
-    args = {"model": str(demo_model_dir()), "dataset": str(corpus_path()), "context_length": DEMO_CONTEXT}
-    return stream(**{**args, **overrides})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from actvpipe.batches import Batch, TokenBatch
+
 
 def batch_device(device: str | torch.device | None) -> torch.device | None:
     """Check ``.batch(device=...)`` before any work starts: None, "cpu", "cuda" or "cuda:N"."""
@@ -32,7 +34,8 @@ def batch_device(device: str | torch.device | None) -> torch.device | None:
 
 
 class DeviceCopy:
-    """Copies each batch to ``device`` on a side stream: the copy overlaps the training step the
+    """The hand-over of batches (a ``torchdata.nodes.Mapper``'s function): copies each batch to
+    ``device`` on a side stream: the copy overlaps the training step the
     consumer queued before asking for the batch, the consumer's stream waits for it on the device
     (the host never blocks), and the caching allocators hold both sides' memory until the streams
     using it are done (the pinned host block until its copy ends, the device tensor until the
@@ -42,6 +45,9 @@ class DeviceCopy:
         self.device = device
         self.accelerated = device.type != "cpu"
         self._side: torch.Stream | None = None
+
+    def __call__(self, batch: Batch) -> Batch:
+        return batch.map(self.to_device) if isinstance(batch, TokenBatch) else self.to_device(batch)
 
     def to_device(self, host: torch.Tensor) -> torch.Tensor:
         module = torch.get_device_module(self.device)  # torch.cpu's streams run the same steps as no-ops

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from actvpipe.demo import cache_dir
 from actvpipe.file_readers import (
     first_line_record,
     json_line,
@@ -25,6 +24,7 @@ from actvpipe.file_readers import (
     text_line,
 )
 from actvpipe.fingerprint import documents_digest, files_digest
+from actvpipe.locations import cache_dir
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
 NATIVE = ("jsonl", "text", "parquet")  # read by ``file_readers``: seekable, each rank reads its share

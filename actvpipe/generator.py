@@ -7,7 +7,6 @@ stopped however the run ends (``close()``, an exception, garbage collection or i
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing as mp
 import multiprocessing.forkserver as forkserver
 import os
@@ -21,15 +20,13 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import psutil
-import torch
 from torchdata.nodes import Loader
 
 from actvpipe.records import RowBlock
 from actvpipe.resume import ResumePlan
-from actvpipe.shm import SharedRowBuffer
-from actvpipe.spec import Hdf5Spec, StreamSpec
+from actvpipe.shm import GeneratorView, SharedBlock, TrainerView
+from actvpipe.spec import GeneratorOptions, RowSource
 
-Source = StreamSpec | Hdf5Spec
 MAX_WAIT = 0.005  # seconds: the longest sleep of any poll, between two checks of the other side
 
 
@@ -42,14 +39,14 @@ class _Stopped(Exception):
 
 
 def write_block(
-    buffer: SharedRowBuffer, block: RowBlock, next_block: tuple | None, should_stop: Callable, source: int = 0
+    buffer: GeneratorView, block: RowBlock, next_block: tuple | None, should_stop: Callable
 ) -> None:
     """Copy a block into the free slots the trainer hands this source as they come, pushing each
     piece to the source's FIFO; ``next_block`` (seq, record, offset), pushed with the last piece,
     says where the next block starts."""
     written, backoff = 0, 1e-4
     while True:
-        slots = buffer.claim(len(block) - written, source)
+        slots = buffer.claim(len(block) - written)
         if len(slots) == 0 and written < len(block):
             if should_stop():
                 raise _Stopped
@@ -57,24 +54,31 @@ def write_block(
             backoff = min(2 * backoff, MAX_WAIT)
             continue
         end = written + len(slots)
-        buffer.write(slots, block, written, end, source)
-        buffer.push(slots, next_block if end == len(block) else None, source)
+        buffer.write(slots, block, written, end)
+        buffer.push(slots, next_block if end == len(block) else None)
         if end == len(block):
             return
         written, backoff = end, 1e-4
 
 
 def generator_main(
-    source: Source, plan: ResumePlan, buffer: SharedRowBuffer, parent_pid: int, index: int
+    source: RowSource,
+    options: GeneratorOptions,
+    plan: ResumePlan,
+    block: SharedBlock,
+    parent_pid: int,
+    index: int,
+    pause: float = 0.0,
 ) -> None:
     """Entry point of a generator process: fills the buffer as its source number ``index``. If the
     trainer dies, the generator removes the shared block's name (the trainer cannot) and exits."""
     trainer = psutil.Process(parent_pid)
+    buffer = GeneratorView(block, index, pause)
 
     def should_stop() -> bool:
         if not _running(trainer):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(buffer.path)
+                os.unlink(block.path)
             return True
         return buffer.stop_requested()
 
@@ -82,42 +86,20 @@ def generator_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _quiet_libraries()
-        if isinstance(source, StreamSpec):
-            torch.set_num_threads(source.threads or os.cpu_count() or 1)
-            if source.deterministic:
-                reproducible_blas()
-        report = lambda on_gpu: buffer.set("on_gpu", int(on_gpu), index)  # noqa: E731
-        for block in Loader(source.rows_graph(plan, buffer.fill_fraction, report)):
+        source.setup_process()
+        graph = source.rows_graph(plan, options, buffer.fill_fraction, buffer.report_device)
+        for rows in Loader(graph):
             if should_stop():
                 return
-            buffer.count_computed(block.computed, index)
-            write_block(buffer, block, block.next_block, should_stop, index)
-            del block  # nothing holds its staging tensor now: the next forward reuses it
-        buffer.finish(index)
+            buffer.count_computed(rows.computed)
+            write_block(buffer, rows, rows.next_block, should_stop)
+            del rows  # nothing holds its staging tensor now: the next forward reuses it
+        buffer.finish()
     except _Stopped:
         return
     except BaseException:
-        buffer.fail(traceback.format_exc(), index)
+        buffer.fail(traceback.format_exc())
         sys.exit(1)
-
-
-MKL_CBWR_AUTO, MKL_CBWR_STRICT = 2, 0x10000  # mkl_cbwr.h
-
-
-def reproducible_blas() -> bool:
-    """Make MKL's GEMMs (every matmul of a CPU forward on x86) bitwise reproducible run to run.
-
-    By default MKL may change how many threads a GEMM uses at run time (``MKL_VERBOSE`` shows
-    ``Dyn:1``), and a GEMM's result depends on its thread count; Intel documents both as sources of
-    run-to-run differences. This turns dynamic threads off and selects strict conditional numerical
-    reproducibility, under which ``?gemm`` is bitwise reproducible whatever the thread count.
-    Returns False where torch has no MKL (nothing to do).
-    """
-    if not torch.backends.mkl.is_available():
-        return False
-    library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-    library.MKL_Set_Dynamic(ctypes.c_int(0))
-    return library.mkl_serv_cbwr_set(ctypes.c_int(MKL_CBWR_AUTO | MKL_CBWR_STRICT)) == 0
 
 
 def _running(process: psutil.Process) -> bool:
@@ -137,11 +119,18 @@ def _context() -> mp.context.BaseContext:
     server, in parallel with the first generator, which is spawned), so no ``start()`` waits for
     them; a later start waits only if the server is still importing.
     """
-    if forkserver._forkserver._forkserver_pid is not None:  # private, but the stdlib has no query
+    if forkserver_running():
         return mp.get_context("forkserver")
     forkserver.set_forkserver_preload(["actvpipe.generator"])
     forkserver.ensure_running()
     return mp.get_context("spawn")
+
+
+def forkserver_running() -> bool:
+    """Whether this process has started its fork server. The stdlib has no public query, so this
+    reads ``multiprocessing.forkserver``'s private state, here only (a test fails loudly if a Python
+    release removes it)."""
+    return forkserver._forkserver._forkserver_pid is not None
 
 
 def _quiet_libraries() -> None:
@@ -175,17 +164,24 @@ PAUSE_VARIABLE = "ACTVPIPE_TEST_PAUSE"  # tests: seconds each generator-side buf
 
 
 class GeneratorRun:
-    """One process per source, writing into ``buffer`` per its plan."""
+    """One process per source, writing into the shared buffer per its plan."""
 
-    def __init__(self, sources: Sequence[Source], buffer: SharedRowBuffer, plans: Sequence[ResumePlan]):
+    def __init__(
+        self,
+        sources: Sequence[RowSource],
+        options: GeneratorOptions,
+        buffer: TrainerView,
+        plans: Sequence[ResumePlan],
+    ):
         ctx = _context()
-        self.buffer = buffer
+        self.buffer, block = buffer, buffer.block
+        pause = float(os.environ.get(PAUSE_VARIABLE, 0))
         self.processes = []
         for index, (source, plan) in enumerate(zip(sources, plans, strict=True)):
-            args = (source, plan, buffer, os.getpid(), index)
+            args = (source, options, plan, block, os.getpid(), index, pause)
             name = f"actvpipe-generator-{index}"
             self.processes.append(ctx.Process(target=generator_main, args=args, name=name, daemon=True))
-        self._finalizer = weakref.finalize(self, _shutdown, buffer, self.processes)
+        self._finalizer = weakref.finalize(self, _shutdown, self.buffer, block, self.processes)
         with _main_module_hidden():
             for process in self.processes:
                 process.start()
@@ -227,7 +223,7 @@ class GeneratorRun:
         self._finalizer()
 
 
-def _shutdown(buffer: SharedRowBuffer, processes: list[mp.Process]) -> None:
+def _shutdown(buffer: TrainerView, block: SharedBlock, processes: list[mp.Process]) -> None:
     """Ask the generators to stop, kill any still running after ``STOP_GRACE`` (their rows are being
     discarded, and they hold nothing the trainer needs), then remove the shared block."""
     buffer.request_stop()
@@ -238,4 +234,4 @@ def _shutdown(buffer: SharedRowBuffer, processes: list[mp.Process]) -> None:
             if process.is_alive():
                 process.kill()
                 process.join(timeout=5)
-    buffer.unlink()
+    block.unlink()

@@ -22,9 +22,9 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from torchdata.nodes import BaseNode
 
 from actvpipe.capture import capture_points
+from actvpipe.generator_node import PlannedNode
 from actvpipe.records import FileRange, RowBlock
 
 FORMAT = "actvpipe-activations/1"
@@ -184,7 +184,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class Hdf5Rows(BaseNode[RowBlock]):
+class Hdf5Rows(PlannedNode[RowBlock]):
     """Reads files' rows in large contiguous ranges, in order, as one pass with row ids across files.
 
     With a resume plan it first reads back the saved buffered rows, then continues at the frontier.
@@ -209,7 +209,9 @@ class Hdf5Rows(BaseNode[RowBlock]):
         self.close()
         self._handles = [open_h5(f.path) for f in self.files]
         self._fds = [os.open(f.path, os.O_RDONLY) for f in self.files]
-        self._chunks = [_chunk_table(h["activations"]) for h in self._handles]
+        self._chunks = [
+            _chunk_table(h["activations"], f.rows) for h, f in zip(self._handles, self.files, strict=True)
+        ]
         self._ranges = iter(self._plan_ranges())
 
     def _plan_ranges(self):
@@ -280,9 +282,6 @@ class Hdf5Rows(BaseNode[RowBlock]):
         meta.update({k: np.zeros(n, dtype=np.int64) for k in ("block_seq", "block_record", "block_offset")})
         return RowBlock(None, meta, computed=n, read_into=functools.partial(self._read, i, a))
 
-    def get_state(self) -> dict[str, Any]:
-        return {}
-
 
 def _send_all(out_fd: int, in_fd: int, src: int, nbytes: int, dst: int) -> int:
     """Copy ``nbytes`` at ``src`` of ``in_fd`` to ``dst`` of ``out_fd`` in the kernel; bytes copied."""
@@ -302,16 +301,22 @@ def _write_all(fd: int, data: memoryview, at: int) -> None:
         data, at = data[written:], at + written
 
 
-def _chunk_table(acts: h5py.Dataset) -> tuple[int, np.ndarray] | None:
-    """(rows per chunk, byte offset of each chunk in row order) when chunks can be read raw, else None."""
-    if acts.chunks is None or acts.chunks[1:] != acts.shape[1:] or acts.compression or acts.shuffle:
+def _chunk_table(acts: h5py.Dataset, rows: int) -> tuple[int, np.ndarray] | None:
+    """(rows per chunk, byte offset of each chunk in row order) when the first ``rows`` rows can be
+    read raw: chunks of whole rows, no filter of any kind in the dataset's creation property list
+    (compression, shuffle, scale-offset, n-bit, plugins), and each of their chunks allocated. Else
+    None: read through h5py."""
+    if acts.chunks is None or acts.chunks[1:] != acts.shape[1:]:
         return None
-    dsid = acts.id
+    if acts.id.get_create_plist().get_nfilters():
+        return None
     chunk_rows = acts.chunks[0]
-    offsets = np.zeros(-(-acts.shape[0] // chunk_rows), dtype=np.int64)
-    for k in range(dsid.get_num_chunks()):
-        info = dsid.get_chunk_info(k)
-        if info.filter_mask:
-            return None
-        offsets[info.chunk_offset[0] // chunk_rows] = info.byte_offset
-    return chunk_rows, offsets
+    offsets = np.full(-(-rows // chunk_rows), -1, dtype=np.int64)
+
+    def record(info) -> None:
+        chunk = info.chunk_offset[0] // chunk_rows
+        if chunk < len(offsets):
+            offsets[chunk] = info.byte_offset
+
+    acts.id.chunk_iter(record)
+    return None if (offsets < 0).any() else (chunk_rows, offsets)

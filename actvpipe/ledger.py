@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from actvpipe.shm import SharedRowBuffer, fence
+from actvpipe.shm import TrainerView, fence
 from actvpipe.slots import remove_positions, sample_positions
 
 
@@ -31,7 +31,7 @@ class Counts:
     frontiers: tuple[int, ...]  # one past the id of each source's latest published row
     served: int
     batches: int
-    restore: np.ndarray | None = None  # the saved buffer's row keys, until its rows are restored
+    saved_order: np.ndarray | None = None  # the saved buffer's row keys in order, until its rows are back
 
 
 def initial_grants(caps: list[int], size: int) -> list[int]:
@@ -58,22 +58,24 @@ class Ledger:
 
     def __init__(
         self,
-        buffer: SharedRowBuffer,
+        buffer: TrainerView,
         caps: list[int],
         frontiers: list[int],
         pass_published: list[int],
         batches: int = 0,
-        restore: np.ndarray | None = None,
+        saved_order: np.ndarray | None = None,
+        next_blocks: list[tuple[int, int, int]] | None = None,
     ):
+        """``next_blocks``: where each source starts (seq, record, offset), what a state saved before it
+        writes anything records."""
         self.buffer = buffer
         self.caps = list(caps)
         n = buffer.n_sources
+        next_blocks = next_blocks or [(0, 0, 0)] * n
         grants = initial_grants(self.caps, buffer.size)
         base = 0
-        for k in reversed(range(n)):  # handed out implicitly: no ring entry is written for these
-            buffer.set("implicit", grants[k], k)
-            buffer.set("base", base, k)
-            buffer.set("granted", grants[k], k)
+        for k in reversed(range(n)):
+            buffer.start_source(k, grants[k], base, next_blocks[k])
             base += grants[k]
         self.pool = np.empty(buffer.size, dtype=np.int64)  # pages are touched only as slots return
         self.counts = Counts(
@@ -86,7 +88,7 @@ class Ledger:
             frontiers=tuple(frontiers),
             served=0,
             batches=batches,
-            restore=restore,
+            saved_order=saved_order,
         )
 
     def _commit(self, **changes: Any) -> None:
@@ -95,17 +97,12 @@ class Ledger:
 
     def mirror(self) -> None:
         """Copy the counters other processes read into the shared header."""
-        buffer, c = self.buffer, self.counts
-        fence()
-        buffer.set("n_full", c.n_full)
-        buffer.set("served", c.served)
-        for k in range(buffer.n_sources):
-            buffer.set("published", c.published[k], k)
-            buffer.set("granted", c.granted[k], k)
+        c = self.counts
+        self.buffer.mirror(c.n_full, c.served, c.published, c.granted)
 
     def pending(self, source: int) -> int:
         """Rows the source wrote that are not yet published."""
-        return self.buffer.get("written", source) - self.counts.published[source]
+        return self.buffer.written(source) - self.counts.published[source]
 
     def fill(self) -> int:
         return self.counts.n_full
@@ -137,12 +134,12 @@ class Ledger:
         ordered = place(slots)
         self.buffer.full[c.n_full : c.n_full + len(ordered)] = ordered
         published = tuple(p + n for p, n in zip(c.published, counts, strict=True))
-        self._commit(n_full=c.n_full + len(ordered), published=published, restore=None)
+        self._commit(n_full=c.n_full + len(ordered), published=published, saved_order=None)
 
-    def draw(self, k: int, rng: np.random.Generator) -> Draw:
-        """Pick up to ``k`` uniformly random full slots (nothing changes until ``remove``)."""
+    def draw(self, n: int, rng: np.random.Generator) -> Draw:
+        """Pick up to ``n`` uniformly random full slots (nothing changes until ``remove``)."""
         state = rng.bit_generator.state
-        positions = sample_positions(rng, self.counts.n_full, k)
+        positions = sample_positions(rng, self.counts.n_full, n)
         return Draw(self.buffer.full[positions], positions, state)
 
     def remove(self, draw: Draw) -> None:
@@ -152,12 +149,12 @@ class Ledger:
         header catches up at the next ``mirror``.
         """
         c = self.counts
-        k = len(draw.slots)
-        self.pool[c.pool : c.pool + k] = draw.slots
+        n = len(draw.slots)
+        self.pool[c.pool : c.pool + n] = draw.slots
         try:
             remove_positions(self.buffer.full, c.n_full, draw.positions)  # one store into the list
             self.counts = dataclasses.replace(
-                c, n_full=c.n_full - k, pool=c.pool + k, served=c.served + k, batches=c.batches + 1
+                c, n_full=c.n_full - n, pool=c.pool + n, served=c.served + n, batches=c.batches + 1
             )
         except BaseException:
             if self.counts is c:  # interrupted before the commit: put the drawn slots back
@@ -187,7 +184,7 @@ class Ledger:
 
     def _reclaim(self, k: int) -> None:
         c = self.counts
-        claimed = self.buffer.get("claimed", k)
+        claimed = self.buffer.claimed(k)
         unused = c.granted[k] - claimed
         if unused <= 0:
             return

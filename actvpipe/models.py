@@ -1,4 +1,7 @@
-"""Which model and tokenizer: resolve the user's arguments, read their config, load them (IO only)."""
+"""Which model and tokenizer: resolve the user's arguments, read their config, load them (IO only).
+
+transformers is imported where a model or tokenizer is loaded, never by a process that only
+describes or serves a stream."""
 
 from __future__ import annotations
 
@@ -7,12 +10,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from actvpipe.capture import ActivationCapture
 from actvpipe.fingerprint import model_files_digest, parameters_digest
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 OFFLINE_HINT = (
     "Without network access use actvpipe.demo_stream() (a bundled tiny GPT-2-architecture model) "
@@ -41,6 +47,8 @@ class ModelSource:
 
 def resolve_model(model: Any, tokenizer: Any = None) -> tuple[ModelSource, PretrainedConfig]:
     """Check the model and tokenizer exist and load only their configs (cheap), before any work."""
+    from transformers import PreTrainedModel
+
     if isinstance(model, PreTrainedModel):
         if tokenizer is None:
             name = getattr(model.config, "_name_or_path", "")
@@ -129,7 +137,7 @@ def common_dims(
 def _content(ref: str | PreTrainedModel, config_hash: str) -> dict[str, str] | str:
     """What identifies the weights: a directory's config and weight files, a loaded model's
     parameters, a hub model's config (its files are only known once downloaded)."""
-    if isinstance(ref, PreTrainedModel):
+    if not isinstance(ref, str):  # a loaded model
         return parameters_digest(ref)
     if Path(ref).expanduser().is_dir():
         return model_files_digest(Path(ref).expanduser())
@@ -145,6 +153,8 @@ def _load_config(ref: str) -> PretrainedConfig:
         )
     if not path.exists() and (ref.startswith((".", "/", "~")) or ref.count("/") > 1):
         raise FileNotFoundError(f"model: no such directory {ref!r}; check the path")
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(ref)
     except Exception as exc:
@@ -159,6 +169,8 @@ def load_tokenizer(ref: Any) -> Any:
     """Load a tokenizer by hub id or directory; a tokenizer object is returned as is."""
     if not isinstance(ref, str):
         return ref
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(ref)
     except Exception as exc:
@@ -171,7 +183,9 @@ def load_tokenizer(ref: Any) -> Any:
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: str) -> PreTrainedModel:
     """Load the base model (no LM head) in ``dtype`` on ``device``, in evaluation mode."""
-    if isinstance(source.ref, PreTrainedModel):
+    from transformers import AutoModel
+
+    if not isinstance(source.ref, str):  # a loaded model
         model = source.ref.to(dtype=dtype)
     else:
         model = AutoModel.from_pretrained(source.ref, dtype=dtype)
@@ -187,9 +201,9 @@ def check_capture_modules(
 ) -> None:
     """Resolve every hooked module on a weightless (meta-device) copy of the model, so a wrong
     ``modules=`` template or an unknown architecture fails before any process starts."""
-    from actvpipe.capture import ActivationCapture
+    from transformers import AutoModel
 
-    if isinstance(source.ref, PreTrainedModel):
+    if not isinstance(source.ref, str):  # a loaded model
         skeleton = source.ref
     else:
         with torch.device("meta"):

@@ -112,10 +112,18 @@ class Monitor:
     """Samples a running loader at most every ``refresh_interval`` seconds, for TensorBoard
     (``log_dir``) and the dashboard (``progress``; None: when stderr is a terminal)."""
 
-    def __init__(self, log_dir: str | os.PathLike | None, progress: bool | None, refresh_interval: float):
+    def __init__(
+        self,
+        log_dir: str | os.PathLike | None,
+        progress: bool | None,
+        refresh_interval: float,
+        disk_sources: tuple[bool, ...] = (False,),
+        watermarks: tuple[float, float] | None = None,
+    ):
+        """``disk_sources``: per buffer source, whether it reads HDF5 files; ``watermarks``: the live
+        stream's device policy, if any."""
         self.log_dir = log_dir
-        self.disk_sources: tuple[bool, ...] = (False,)  # per buffer source: does it read HDF5 files
-        self.watermarks: tuple[float, float] | None = None  # the live stream's device policy, if any
+        self.disk_sources, self.watermarks = disk_sources, watermarks
         self.show = sys.stderr.isatty() if progress is None else progress
         self.refresh_interval = refresh_interval
         self._writer = self._line = None
@@ -161,21 +169,22 @@ class Monitor:
         self._last = now
 
     def _snapshot(self, run: Any) -> Snapshot:
-        buffer = run.buffer
-        pids = [os.getpid(), *(p.pid for p in run.generators.processes if p.pid is not None)]
-        written = [(buffer.get("written", k), self.disk_sources[k]) for k in range(buffer.n_sources)]
+        """One ``RunSnapshot`` of the run (its shared header and processes), with this loop's counts."""
+        seen = run.snapshot()
+        header = seen.header
+        written = list(zip(header.per_source("written"), self.disk_sources, strict=True))
         return Snapshot(
             time=time.monotonic(),
-            held=buffer.held(),
-            size=buffer.size,
+            held=header.held,
+            size=header.size,
             generated=sum(n for n, disk in written if not disk),
             disk=sum(n for n, disk in written if disk),
             served=self._served,
-            on_gpu=bool(buffer.get("on_gpu", 0)),
-            memory=memory_of(pids),
+            on_gpu=bool(header.per_source("on_gpu")[0]),
+            memory=memory_of([os.getpid(), *seen.generator_pids]),
             waited=self._waited,
             batches=self._batches,
-            done=all(buffer.done(k) for k in range(buffer.n_sources)),
+            done=header.done,
         )
 
     def _open_writer(self) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
-_use_count = getattr(torch._C, "_storage_Use_Count", None)  # a torch without it: nothing is reused
-
 
 def storage_users(tensor: torch.Tensor) -> int:
-    """How many tensors share ``tensor``'s memory (views, batches a user kept, arrays over them)."""
-    return _use_count(tensor.untyped_storage()._cdata)
+    """How many tensors share ``tensor``'s memory (views, batches a user kept, arrays over them).
+
+    torch has no public query for this; ``torch._C._storage_Use_Count`` is read here only, and
+    ``tests/test_pure.py`` fails loudly if a torch release removes it (the pool would then have to
+    allocate every batch)."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
 
 
 class OutputPool:
@@ -24,8 +26,6 @@ class OutputPool:
         self._tensors: list[tuple[torch.Tensor, int]] = []  # (tensor, its users when only the pool holds it)
 
     def take(self, n: int) -> torch.Tensor:
-        if _use_count is None:
-            return torch.empty((n, *self.shape[1:]), dtype=self.dtype, device=self.device)
         for tensor, alone in self._tensors:
             if storage_users(tensor) == alone:
                 return tensor[:n]
@@ -33,3 +33,20 @@ class OutputPool:
         # The newest ``capacity`` tensors stay pooled; an older one still held is left to its holder.
         self._tensors = [*self._tensors[1 - self.capacity :], (tensor, storage_users(tensor))]
         return tensor[:n]
+
+
+class BatchMemory:
+    """Where batches of ``batch_size`` rows ``row_shape`` are gathered: a pooled tensor nothing else
+    holds, or with ``pinned`` fresh pinned memory (torch's pinned-memory cache reuses a block only
+    once pending copies from it are done). The pool is made on the first batch."""
+
+    def __init__(self, batch_size: int, row_shape: tuple[int, ...], dtype: torch.dtype, pinned: bool = False):
+        self.shape, self.dtype, self.pinned = (batch_size, *row_shape), dtype, pinned
+        self._pool: OutputPool | None = None
+
+    def take(self, n: int) -> torch.Tensor:
+        if self.pinned:
+            return torch.empty((n, *self.shape[1:]), dtype=self.dtype, pin_memory=True)
+        if self._pool is None:
+            self._pool = OutputPool(self.shape, self.dtype)
+        return self._pool.take(n)

@@ -6,51 +6,53 @@ to the sources. Every wait is a bounded poll that checks the generators between 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
-from actvpipe.generator import MAX_WAIT, PAUSE_VARIABLE, GeneratorRun, Source
+from actvpipe.generator import MAX_WAIT, GeneratorRun
 from actvpipe.ledger import Ledger
 from actvpipe.mixing import Mixing, Observed
 from actvpipe.resume import ResumePlan, order_slots
-from actvpipe.shm import NEXT_BLOCK, SharedRowBuffer
+from actvpipe.shm import HeaderSnapshot, SharedBlock, TrainerView
+from actvpipe.spec import GeneratorOptions, RowSource
 
 
 class PassRun:
-    """Starts one process per source on a fresh buffer. With ``restore`` (the saved buffer's row keys
-    in order), each source first regenerates exactly its saved rows, which become sampleable in the
-    saved order before anything else."""
+    """Starts one process per source on a fresh buffer. With ``saved_order`` (the saved buffer's row
+    keys in order), each source first regenerates exactly its saved rows, which become sampleable in
+    the saved order before anything else."""
 
     def __init__(
         self,
-        sources: Sequence[Source],
+        sources: Sequence[RowSource],
+        options: GeneratorOptions,
         mixing: Mixing,
         plans: Sequence[ResumePlan],
         frontiers: Sequence[int],
         published: Sequence[int],
         batches: int = 0,
-        restore: np.ndarray | None = None,
+        saved_order: np.ndarray | None = None,
     ):
         self.mixing = mixing
         self.n_sources = len(sources)
-        pause = float(os.environ.get(PAUSE_VARIABLE, 0))
         dtype, row_shape = sources[0].dtype, sources[0].row_shape
-        self.buffer = SharedRowBuffer.create(mixing.size, row_shape, dtype, len(sources), pause)
+        block = SharedBlock.create(mixing.size, row_shape, dtype, len(sources))
+        self.buffer = TrainerView(block)
         self._restore_counts = [len(plan.buffered) for plan in plans]
         # While restoring, each source gets exactly its saved rows' slots, so none can take another's.
-        caps = self._restore_counts if restore is not None else mixing.initial_caps(tuple(published))
+        caps = self._restore_counts if saved_order is not None else mixing.initial_caps(tuple(published))
+        # Where each source starts, for a state saved before it writes.
+        starts = [tuple(int(v) for v in plan.blocks[-1]) for plan in plans]
         try:
-            self.ledger = Ledger(self.buffer, list(caps), list(frontiers), list(published), batches, restore)
-            for k, plan in enumerate(plans):  # where each source starts, for a state saved before it writes
-                for field, value in zip(NEXT_BLOCK, plan.blocks[-1], strict=True):
-                    self.buffer.set(field, int(value), k)
-            self.generators = GeneratorRun(sources, self.buffer, plans)  # from here on it owns the block
+            self.ledger = Ledger(
+                self.buffer, list(caps), list(frontiers), list(published), batches, saved_order, starts
+            )
+            self.generators = GeneratorRun(sources, options, self.buffer, plans)  # it owns the block now
         except BaseException:
-            self.buffer.unlink()
+            block.unlink()
             raise
         self.used = False
 
@@ -70,14 +72,16 @@ class PassRun:
     def finish_restore(self) -> None:
         """Place the regenerated buffered rows (each source writes them first) in the saved order."""
         ledger = self.ledger
-        if ledger.counts.restore is None:
+        if ledger.counts.saved_order is None:
             return
         for k, count in enumerate(self._restore_counts):
             self.wait(lambda k=k, count=count: ledger.pending(k) >= count or self.buffer.done(k))
 
         def place(slots: np.ndarray) -> np.ndarray:
             meta = self.buffer.meta_of(slots)
-            return order_slots(slots, meta["row_id"] * self.n_sources + meta["source"], ledger.counts.restore)
+            return order_slots(
+                slots, meta["row_id"] * self.n_sources + meta["source"], ledger.counts.saved_order
+            )
 
         ledger.publish_restored(self._restore_counts, place)
         ledger.caps = list(self.mixing.initial_caps(ledger.counts.pass_published))
@@ -99,18 +103,15 @@ class PassRun:
         finished = all(done) and all(ledger.pending(k) == 0 for k in range(self.n_sources))
         return ledger.fill() >= self.mixing.min_fill, finished
 
-    def serve(self, k: int, rng: np.random.Generator, gather: Callable[[np.ndarray], Any]) -> Any:
-        """Draw up to ``k`` uniformly random sampleable rows and return ``gather(slots)``. If anything
-        raises, the rows stay buffered and ``rng`` is put back: as if no batch had been drawn. Their
-        slots go back to the sources at the next ``top_up``."""
-        ledger = self.ledger
-        before = ledger.counts
-        draw = ledger.draw(k, rng)
-        try:
-            out = gather(draw.slots)
-            ledger.remove(draw)
-        except BaseException:
-            if ledger.counts is before:
-                rng.bit_generator.state = draw.rng_state
-            raise
-        return out
+    def snapshot(self) -> RunSnapshot:
+        """The run as monitoring sees it: one copy of the shared header, and the processes to measure."""
+        pids = [p.pid for p in self.generators.processes if p.pid is not None]
+        return RunSnapshot(self.buffer.block.snapshot(), pids)
+
+
+@dataclass(frozen=True)
+class RunSnapshot:
+    """A run at one instant: its shared header and its generator processes."""
+
+    header: HeaderSnapshot
+    generator_pids: list[int]

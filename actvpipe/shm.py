@@ -1,11 +1,14 @@
-"""The shared buffer: one named shared-memory block of rows, slot rings and counters, and its lifetime.
+"""The shared buffer: one named shared-memory block of rows, slot rings and a header, and its lifetime.
 
-There is no lock: every shared value has exactly one writing process. Each source (a generator
-process) has two single-producer/single-consumer rings of slot numbers: ``free`` (the trainer hands
-it empty slots) and ``fifo`` (it hands back written slots, in generation order). A producer stores
-the entries, then the count; a consumer reads the count, then the entries. The list of full
-(sampleable) slots is the trainer's alone. So a process that dies at any instant holds nothing the
-other waits on, and every wait, on either side, is a bounded poll that re-checks the other process.
+There is no lock: every shared value has exactly one writing process, and the header's layout
+(``HEADER``) says which: the trainer's fields and each source's (generator's) fields are separate
+records. Each side gets a view that writes only its own fields: ``TrainerView`` in the training
+process, ``GeneratorView`` in source ``k``'s generator process. Each source has two
+single-producer/single-consumer rings of slot numbers: ``free`` (the trainer hands it empty slots)
+and ``fifo`` (it hands back written slots, in generation order). A producer stores the entries, then
+the count; a consumer reads the count, then the entries. The list of full (sampleable) slots is the
+trainer's alone. So a process that dies at any instant holds nothing the other waits on, and every
+wait, on either side, is a bounded poll that re-checks the other process.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import secrets
 import threading
 import time
+from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
@@ -24,19 +28,41 @@ import torch
 from actvpipe.records import FileRange, RowBlock
 
 SHM_DIR = "/dev/shm"
+MAX_SOURCES = 4
 NEXT_BLOCK = ("next_block_seq", "next_block_record", "next_block_offset")
-# Written by the trainer.
-HEADER = ("n_full", "stop", "served")
-# Per source, from header index 16 on. The trainer writes ``published`` and ``granted`` (and
-# ``implicit``/``base`` before the source starts); the source writes the rest.
-SOURCE_FIELDS = (
-    "written", "published", "done", "computed", "granted", "claimed", "implicit", "base",
-    "on_gpu", "failed", "error_len", "op", *NEXT_BLOCK,
-)  # fmt: skip
+_I8 = "<i8"
+# Per source, written by the trainer (``implicit``/``base`` only before the source starts).
+TRAINER_FIELDS = np.dtype([(name, _I8) for name in ("published", "granted", "implicit", "base")])
+# Per source, written by that source's generator process.
+GENERATOR_FIELDS = np.dtype(
+    [
+        (name, _I8)
+        for name in (
+            "written",
+            "done",
+            "computed",
+            "claimed",
+            "on_gpu",
+            "failed",
+            "error_len",
+            "op",
+            *NEXT_BLOCK,
+        )
+    ]
+)
+HEADER = np.dtype(
+    [
+        ("n_full", _I8),  # the trainer's: sampleable rows
+        ("stop", _I8),  # the trainer's: generators stop at their next check
+        ("served", _I8),  # the trainer's: rows served this run
+        ("trainer", TRAINER_FIELDS, (MAX_SOURCES,)),
+        ("generator", GENERATOR_FIELDS, (MAX_SOURCES,)),
+    ]
+)
+HEADER_BYTES = 1024
+assert HEADER.itemsize <= HEADER_BYTES
 # What a source is doing to the buffer (field ``op``), so that a death can be reported with it.
 OPS = ("computing or waiting", "claiming slots", "writing rows", "pushing rows")
-MAX_SOURCES = 4
-HEADER_BYTES = 1024
 ERROR_BYTES = 16 * 1024  # per source
 META = ("row_id", "source", "seq", "pos", "token_ids", "block_seq", "block_record", "block_offset")
 
@@ -71,37 +97,31 @@ def buffer_nbytes(size: int, row_shape: tuple[int, ...], dtype: torch.dtype, n_s
     return _layout(size, n_sources)[1] + size * row_bytes
 
 
-class SharedRowBuffer:
-    """``size`` rows ``row_shape`` of ``dtype`` in named shared memory; pickles as its name and shape only.
-
-    ``pause`` (seconds, tests only) makes each of the generator's buffer operations stop halfway, so a
-    kill can be aimed inside one.
-    """
+class SharedBlock:
+    """``size`` rows ``row_shape`` of ``dtype`` in named shared memory, with the header, the slot
+    lists and each row's provenance: the layout and the block's lifetime, nothing else. Pickles as
+    its name and shape only; each process then takes the view of its side."""
 
     def __init__(
-        self,
-        name: str,
-        size: int,
-        row_shape: tuple[int, ...],
-        dtype: torch.dtype,
-        n_sources: int = 1,
-        pause: float = 0.0,
+        self, name: str, size: int, row_shape: tuple[int, ...], dtype: torch.dtype, n_sources: int = 1
     ):
         self.name, self.size, self.row_shape, self.dtype = name, size, tuple(row_shape), dtype
-        self.n_sources, self.pause = n_sources, pause
+        self.n_sources = n_sources
         self._shm: SharedMemory | None = None
         nbytes = buffer_nbytes(size, self.row_shape, dtype, n_sources)
         block = torch.from_file(self.path, shared=True, size=nbytes, dtype=torch.uint8)
         offsets, rows_at = _layout(size, n_sources)
-        self.header = block[:HEADER_BYTES].view(torch.int64).numpy()
-        self._errors = block[HEADER_BYTES : HEADER_BYTES + ERROR_BYTES * n_sources].numpy()
+        self.header = block[: HEADER.itemsize].numpy().view(HEADER)[0]  # a record over the shared bytes
+        self.trainer = self.header["trainer"]  # [MAX_SOURCES] records, one per source
+        self.generator = self.header["generator"]
+        self.errors = block[HEADER_BYTES : HEADER_BYTES + ERROR_BYTES * n_sources].numpy()
         arrays = {k: block[at : at + 8 * size].view(torch.int64) for k, at in offsets.items() if k != "rows"}
         self.full = arrays["full"].numpy()
         self.free_rings = [arrays[f"free{k}"].numpy() for k in range(n_sources)]
         self.fifos = [arrays[f"fifo{k}"].numpy() for k in range(n_sources)]
         self.meta = {k: arrays[k] for k in META}
         self.rows = block[rows_at:].view(dtype).view(size, *self.row_shape)
-        self._rows_at, self._row_bytes = rows_at, self.rows[0].nbytes if size else 0
+        self.rows_at, self.row_bytes = rows_at, self.rows[0].nbytes if size else 0
 
     @property
     def path(self) -> str:
@@ -109,8 +129,8 @@ class SharedRowBuffer:
 
     @classmethod
     def create(
-        cls, size: int, row_shape: tuple[int, ...], dtype: torch.dtype, n_sources: int = 1, pause: float = 0.0
-    ) -> SharedRowBuffer:
+        cls, size: int, row_shape: tuple[int, ...], dtype: torch.dtype, n_sources: int = 1
+    ) -> SharedBlock:
         """Allocate a new block (pages are touched only when written), all zero."""
         if not os.path.isdir(SHM_DIR):
             raise OSError(f"{SHM_DIR} not found: actvpipe's shared buffer needs Linux POSIX shared memory")
@@ -125,15 +145,12 @@ class SharedRowBuffer:
         resource_tracker.register(f"/{name}", "shared_memory")
         shm = SharedMemory(name=name, create=True, size=nbytes)
         shm.close()
-        buffer = cls(name, size, row_shape, dtype, n_sources, pause)
-        buffer._shm = shm
-        return buffer
+        block = cls(name, size, row_shape, dtype, n_sources)
+        block._shm = shm
+        return block
 
     def __reduce__(self):
-        return (
-            SharedRowBuffer,
-            (self.name, self.size, self.row_shape, self.dtype, self.n_sources, self.pause),
-        )
+        return (SharedBlock, (self.name, self.size, self.row_shape, self.dtype, self.n_sources))
 
     def unlink(self) -> None:
         """Remove the block's name (owner only); the memory goes once every mapping is gone."""
@@ -142,184 +159,239 @@ class SharedRowBuffer:
                 self._shm.unlink()
             self._shm = None
 
-    @staticmethod
-    def _index(field: str, source: int | None) -> int:
-        if source is None:
-            return HEADER.index(field)
-        return 16 + len(SOURCE_FIELDS) * source + SOURCE_FIELDS.index(field)
-
-    def get(self, field: str, source: int | None = None) -> int:
-        """A trainer counter (``HEADER``), or with ``source`` one of that source's (``SOURCE_FIELDS``)."""
-        return int(self.header[self._index(field, source)])
-
-    def set(self, field: str, value: int, source: int | None = None) -> None:
-        """Store a counter; only the process that owns it (see ``SOURCE_FIELDS``) may."""
-        self.header[self._index(field, source)] = value
-
-    def total(self, field: str) -> int:
-        """A per-source counter summed over the sources."""
-        return sum(self.get(field, k) for k in range(self.n_sources))
-
-    def fill(self) -> int:
-        """Sampleable rows."""
-        return self.get("n_full")
-
-    def held(self) -> int:
-        """Rows sampleable or written and waiting to be published."""
-        return self.fill() + sum(
-            self.get("written", k) - self.get("published", k) for k in range(self.n_sources)
-        )
-
-    def done(self, source: int = 0) -> bool:
-        return bool(self.get("done", source))
-
-    @contextlib.contextmanager
-    def _op(self, name: str, source: int):
-        """Mark the source as inside a buffer operation (and pause there, for tests)."""
-        self.set("op", OPS.index(name), source)
-        yield
-        self.set("op", 0, source)
-
-    def _paused(self) -> None:
-        if self.pause:
-            time.sleep(self.pause)
-
-    def operation(self, source: int) -> str:
-        """What the source was last doing to the buffer (see ``OPS``)."""
-        return OPS[self.get("op", source)]
-
-    # generator side
-    def claim(self, k: int, source: int = 0) -> np.ndarray:
-        """Take up to ``k`` of the free slots the trainer handed this source (possibly none)."""
-        with self._op("claiming slots", source):
-            return self._claim(k, source)
-
-    def _claim(self, k: int, source: int) -> np.ndarray:
-        claimed = self.get("claimed", source)
-        fence()
-        n = min(k, self.get("granted", source) - claimed)
-        fence()
-        slots = self.free_slots(source, claimed, max(n, 0))
-        self._paused()
-        fence()
-        self.set("claimed", claimed + len(slots), source)
-        return slots
-
-    def write(self, slots: np.ndarray, block: RowBlock, lo: int, hi: int, source: int = 0) -> None:
-        """Copy rows ``lo:hi`` of ``block`` and their provenance into claimed slots. Disk blocks copy
-        file to file into the buffer when the slots are contiguous."""
-        with self._op("writing rows", source):
-            self._write(slots, block, lo, hi, source)
-
-    def _write(self, slots: np.ndarray, block: RowBlock, lo: int, hi: int, source: int) -> None:
-        index = torch.from_numpy(slots)
-        if block.read_into is None:
-            self.rows.index_copy_(0, index, block.rows[lo:hi].to(self.dtype))
-        elif np.all(np.diff(slots) == 1):
-            fd = os.open(self.path, os.O_RDWR)
-            try:
-                block.read_into(FileRange(fd, self._rows_at + int(slots[0]) * self._row_bytes), lo, hi)
-            finally:
-                os.close(fd)
-        else:
-            staged = torch.empty((hi - lo, *self.row_shape), dtype=self.dtype)
-            block.read_into(staged.view(torch.uint8).numpy(), lo, hi)
-            self.rows.index_copy_(0, index, staged)
-        self._paused()
-        meta = {k: v[lo:hi] for k, v in block.meta.items()}
-        meta["source"] = np.full(hi - lo, source, dtype=np.int64)
-        for key, values in meta.items():
-            self.meta[key].index_copy_(0, index, torch.from_numpy(values))
-
-    def push(
-        self, slots: np.ndarray, next_block: tuple[int, int, int] | None = None, source: int = 0
-    ) -> None:
-        """Append written slots to the source's FIFO; at a block's end, record where the next one starts.
-
-        ``next_block`` is stored after the count, so a reader that sees it unchanged around its read
-        of ``next_block`` never sees a start past rows it has not counted (see ``continuation``).
-        """
-        with self._op("pushing rows", source):
-            self._push(slots, next_block, source)
-
-    def _push(self, slots: np.ndarray, next_block: tuple[int, int, int] | None, source: int) -> None:
-        written = self.get("written", source)
-        self.fifos[source][(written + np.arange(len(slots))) % self.size] = slots
-        self._paused()
-        fence()
-        self.set("written", written + len(slots), source)
-        if next_block is not None:
-            self._paused()
-            for field, value in zip(NEXT_BLOCK, next_block, strict=True):
-                self.set(field, value, source)
-
-    def count_computed(self, rows: int, source: int = 0) -> None:
-        """Add to the rows the source has produced (filtered-out regenerated rows included)."""
-        self.set("computed", self.get("computed", source) + rows, source)
-
-    def finish(self, source: int = 0) -> None:
-        fence()
-        self.set("done", 1, source)
-
-    def fail(self, text: str, source: int = 0) -> None:
-        data = text.encode()[-ERROR_BYTES:]
-        self._errors[source * ERROR_BYTES : source * ERROR_BYTES + len(data)] = np.frombuffer(data, np.uint8)
-        self.set("error_len", len(data), source)
-        fence()
-        self.set("failed", 1, source)
-
-    def fill_fraction(self) -> float:
-        """How full the buffer is, as the generator's device policy sees it."""
-        return self.held() / self.size
-
-    def stop_requested(self) -> bool:
-        return bool(self.get("stop"))
-
-    # trainer side
-    def request_stop(self) -> None:
-        """Ask the generators to stop at their next check."""
-        self.set("stop", 1)
-
-    def error_text(self) -> str | None:
-        """The traceback of the first source that failed, if any did."""
-        for source in range(self.n_sources):
-            if self.get("failed", source):
-                fence()
-                at = source * ERROR_BYTES
-                return (
-                    self._errors[at : at + self.get("error_len", source)].tobytes().decode(errors="replace")
-                )
-        return None
-
     def free_slots(self, source: int, start: int, n: int) -> np.ndarray:
         """Entries ``start:start+n`` of the source's free ring. Positions below ``implicit`` were
         handed out when the buffer was made, without being written: they hold ``base + position``."""
         at = start + np.arange(n, dtype=np.int64)
         ring = self.free_rings[source][at % self.size]
-        return np.where(at < self.get("implicit", source), at + self.get("base", source), ring)
+        mine = self.trainer[source]
+        return np.where(at < mine["implicit"], at + mine["base"], ring)
+
+    def snapshot(self) -> HeaderSnapshot:
+        """A copy of the header, for monitoring: one read, no reference into the live block."""
+        return HeaderSnapshot(self.header.copy(), self.size, self.n_sources)
+
+
+@dataclass(frozen=True)
+class HeaderSnapshot:
+    """The header as it was at one instant (see ``HEADER``)."""
+
+    values: np.void
+    size: int
+    n_sources: int
+
+    def per_source(self, field: str) -> list[int]:
+        """A generator field of each source."""
+        return [int(v) for v in self.values["generator"][field][: self.n_sources]]
+
+    @property
+    def fill(self) -> int:
+        """Sampleable rows."""
+        return int(self.values["n_full"])
+
+    @property
+    def held(self) -> int:
+        """Rows sampleable or written and waiting to be published."""
+        published = self.values["trainer"]["published"][: self.n_sources]
+        return self.fill + int((self.values["generator"]["written"][: self.n_sources] - published).sum())
+
+    @property
+    def done(self) -> bool:
+        """Every source finished its pass."""
+        return all(self.per_source("done"))
+
+
+class GeneratorView:
+    """What source ``source``'s generator process does to the buffer; it writes only its own fields.
+
+    ``pause`` (seconds, tests only) makes each buffer operation stop halfway, so a kill or a save can
+    be aimed inside one.
+    """
+
+    def __init__(self, block: SharedBlock, source: int, pause: float = 0.0):
+        self.block, self.source, self.pause = block, source, pause
+        self.mine = block.generator[source]
+        self.granted = block.trainer[source]  # the trainer's record for this source: read only here
+
+    def _set(self, field: str, value: int) -> None:
+        self.mine[field] = value
+
+    @contextlib.contextmanager
+    def _op(self, name: str):
+        """Mark the source as inside a buffer operation (and pause there, for tests)."""
+        self._set("op", OPS.index(name))
+        yield
+        self._set("op", 0)
+
+    def _paused(self) -> None:
+        if self.pause:
+            time.sleep(self.pause)
+
+    def claim(self, n: int) -> np.ndarray:
+        """Take up to ``n`` of the free slots the trainer handed this source (possibly none)."""
+        with self._op("claiming slots"):
+            claimed = int(self.mine["claimed"])
+            fence()
+            n = min(n, int(self.granted["granted"]) - claimed)
+            fence()
+            slots = self.block.free_slots(self.source, claimed, max(n, 0))
+            self._paused()
+            fence()
+            self._set("claimed", claimed + len(slots))
+            return slots
+
+    def write(self, slots: np.ndarray, block: RowBlock, lo: int, hi: int) -> None:
+        """Copy rows ``lo:hi`` of ``block`` and their provenance into claimed slots. Disk blocks copy
+        file to file into the buffer when the slots are contiguous."""
+        with self._op("writing rows"):
+            self._write(slots, block, lo, hi)
+
+    def _write(self, slots: np.ndarray, block: RowBlock, lo: int, hi: int) -> None:
+        shared = self.block
+        index = torch.from_numpy(slots)
+        if block.read_into is None:
+            shared.rows.index_copy_(0, index, block.rows[lo:hi].to(shared.dtype))
+        elif np.all(np.diff(slots) == 1):
+            fd = os.open(shared.path, os.O_RDWR)
+            try:
+                block.read_into(FileRange(fd, shared.rows_at + int(slots[0]) * shared.row_bytes), lo, hi)
+            finally:
+                os.close(fd)
+        else:
+            staged = torch.empty((hi - lo, *shared.row_shape), dtype=shared.dtype)
+            block.read_into(staged.view(torch.uint8).numpy(), lo, hi)
+            shared.rows.index_copy_(0, index, staged)
+        self._paused()
+        meta = {k: v[lo:hi] for k, v in block.meta.items()}
+        meta["source"] = np.full(hi - lo, self.source, dtype=np.int64)
+        for key, values in meta.items():
+            shared.meta[key].index_copy_(0, index, torch.from_numpy(values))
+
+    def push(self, slots: np.ndarray, next_block: tuple[int, int, int] | None = None) -> None:
+        """Append written slots to the source's FIFO; at a block's end, record where the next one starts.
+
+        ``next_block`` is stored after the count, so a reader that sees it unchanged around its read
+        of ``next_block`` never sees a start past rows it has not counted (see ``TrainerView.continuation``).
+        """
+        with self._op("pushing rows"):
+            written = int(self.mine["written"])
+            self.block.fifos[self.source][(written + np.arange(len(slots))) % self.block.size] = slots
+            self._paused()
+            fence()
+            self._set("written", written + len(slots))
+            if next_block is not None:
+                self._paused()
+                for field, value in zip(NEXT_BLOCK, next_block, strict=True):
+                    self._set(field, value)
+
+    def count_computed(self, rows: int) -> None:
+        """Add to the rows the source has produced (filtered-out regenerated rows included)."""
+        self._set("computed", int(self.mine["computed"]) + rows)
+
+    def report_device(self, on_gpu: bool) -> None:
+        self._set("on_gpu", int(on_gpu))
+
+    def finish(self) -> None:
+        fence()
+        self._set("done", 1)
+
+    def fail(self, text: str) -> None:
+        data = text.encode()[-ERROR_BYTES:]
+        at = self.source * ERROR_BYTES
+        self.block.errors[at : at + len(data)] = np.frombuffer(data, np.uint8)
+        self._set("error_len", len(data))
+        fence()
+        self._set("failed", 1)
+
+    def fill_fraction(self) -> float:
+        """How full the buffer is, as the generator's device policy sees it."""
+        return self.block.snapshot().held / self.block.size
+
+    def stop_requested(self) -> bool:
+        return bool(self.block.header["stop"])
+
+
+class TrainerView:
+    """What the training process does to the buffer; it writes only the trainer's fields."""
+
+    def __init__(self, block: SharedBlock):
+        self.block = block
+        self.size, self.n_sources = block.size, block.n_sources
+        self.full, self.meta = block.full, block.meta
+
+    def written(self, source: int) -> int:
+        return int(self.block.generator[source]["written"])
+
+    def claimed(self, source: int) -> int:
+        return int(self.block.generator[source]["claimed"])
+
+    def done(self, source: int) -> bool:
+        return bool(self.block.generator[source]["done"])
+
+    def operation(self, source: int) -> str:
+        """What the source was last doing to the buffer (see ``OPS``)."""
+        return OPS[int(self.block.generator[source]["op"])]
+
+    def start_source(self, source: int, granted: int, base: int, next_block: tuple[int, int, int]) -> None:
+        """Before the source starts: the slots ``base .. base + granted`` are its, handed out
+        implicitly (no ring entry is written), and ``next_block`` is where it starts (what a state
+        saved before it writes records)."""
+        mine = self.block.trainer[source]
+        mine["implicit"], mine["base"], mine["granted"] = granted, base, granted
+        for field, value in zip(NEXT_BLOCK, next_block, strict=True):
+            self.block.generator[source][field] = value  # the source overwrites these as it goes
+
+    def mirror(self, n_full: int, served: int, published: tuple[int, ...], granted: tuple[int, ...]) -> None:
+        """Copy the trainer's counters that other processes read into the header."""
+        header = self.block.header
+        fence()
+        header["n_full"], header["served"] = n_full, served
+        for k in range(self.n_sources):
+            mine = self.block.trainer[k]
+            mine["published"], mine["granted"] = published[k], granted[k]
+
+    def request_stop(self) -> None:
+        """Ask the generators to stop at their next check."""
+        self.block.header["stop"] = 1
+
+    def free_slots(self, source: int, start: int, n: int) -> np.ndarray:
+        return self.block.free_slots(source, start, n)
 
     def written_slots(self, source: int, start: int, n: int) -> np.ndarray:
         """Entries ``start:start+n`` of the source's FIFO (the caller checked ``written``)."""
         fence()
-        return self.fifos[source][(start + np.arange(n)) % self.size]
+        return self.block.fifos[source][(start + np.arange(n)) % self.size]
 
     def hand_out(self, source: int, start: int, slots: np.ndarray) -> None:
         """Store free-ring entries from position ``start`` on (``granted``, stored next, publishes them)."""
-        self.free_rings[source][(start + np.arange(len(slots))) % self.size] = slots
+        self.block.free_rings[source][(start + np.arange(len(slots))) % self.size] = slots
         fence()
+
+    def error_text(self) -> str | None:
+        """The traceback of the first source that failed, if any did."""
+        for source in range(self.n_sources):
+            theirs = self.block.generator[source]
+            if theirs["failed"]:
+                fence()
+                at = source * ERROR_BYTES
+                return (
+                    self.block.errors[at : at + int(theirs["error_len"])].tobytes().decode(errors="replace")
+                )
+        return None
 
     def continuation(self, source: int, published: int) -> tuple[int, int, int]:
         """(seq, record, offset) starting the block of the source's oldest unpublished row, or of the
         block it writes next when all ``published`` rows are every row it wrote."""
+        theirs = self.block.generator[source]
         while True:
-            written = self.get("written", source)
+            written = int(theirs["written"])
             fence()
             if written > published:
-                slot = self.fifos[source][published % self.size]
+                slot = self.block.fifos[source][published % self.size]
                 return tuple(int(self.meta[k][slot]) for k in ("block_seq", "block_record", "block_offset"))
-            start = tuple(self.get(f, source) for f in NEXT_BLOCK)
+            start = tuple(int(theirs[f]) for f in NEXT_BLOCK)
             fence()
-            if self.get("written", source) == written:
+            if int(theirs["written"]) == written:
                 return start
 
     def meta_of(self, slots: np.ndarray) -> dict[str, np.ndarray]:
@@ -329,10 +401,11 @@ class SharedRowBuffer:
         """Copy rows out (into ``out`` when given) on the calling thread: ``np.take`` over raw bytes
         copies as fast as a one-thread ``index_select`` without touching torch's process-wide thread
         count, and leaves no OpenMP workers spinning on the cores the generator's forward needs."""
+        block = self.block
         if out is None:
-            out = torch.empty((len(slots), *self.row_shape), dtype=self.dtype)
-        raw = self.rows.view(torch.uint8).view(self.size, self._row_bytes).numpy()
-        dest = out.view(torch.uint8).view(len(slots), self._row_bytes).numpy()
+            out = torch.empty((len(slots), *block.row_shape), dtype=block.dtype)
+        raw = block.rows.view(torch.uint8).view(block.size, block.row_bytes).numpy()
+        dest = out.view(torch.uint8).view(len(slots), block.row_bytes).numpy()
         np.take(raw, slots, axis=0, out=dest, mode="clip")  # slots are in range; "clip" skips a buffer
         return out
 

@@ -1,12 +1,18 @@
-"""Sources: the small picklable descriptions of what a generator process produces.
+"""Sources: the small picklable descriptions of what a generator process produces, and the options of
+how a run produces it.
 
-``StreamSpec`` runs a model over text; ``Hdf5Spec`` reads cached rows back. Both build their
-node graph inside the generator process (``rows_graph``) and describe themselves for resume.
+A source says what its rows *are*: ``StreamSpec`` a model over text, ``Hdf5Spec`` rows read back
+from cache files. That identity alone drives the resume fingerprint and the cache files'
+attributes. ``GeneratorOptions`` say how this run produces them (device, write-through file): they
+never change a row, so a state saved under some options restores under others. Both sources follow
+``RowSource``, so nothing downstream asks which kind it holds.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -15,21 +21,80 @@ from actvpipe.documents import DatasetSource
 from actvpipe.fingerprint import files_digest
 from actvpipe.hdf5 import Hdf5File, Hdf5Rows
 from actvpipe.models import ModelSource
-from actvpipe.pipeline import build_rows_graph
+from actvpipe.numerics import reproducible_blas
 from actvpipe.placement import DEFAULT_WATERMARKS
 from actvpipe.text import PACKING_DESCRIPTIONS
+from actvpipe.version import __version__
 
-# Field metadata: ``restore=False`` marks options a saved state may change (they decide where and how
-# fast rows are computed, never which rows or their values); ``file=False`` options not recorded in
-# the HDF5 files the stream writes.
-RUNTIME = {"restore": False, "file": False}
+if TYPE_CHECKING:
+    from actvpipe.generator_node import PlannedNode
+    from actvpipe.records import RowBlock
+    from actvpipe.resume import ResumePlan
+
+
+@dataclass(frozen=True)
+class GeneratorOptions:
+    """How a generator produces its source's rows: never which rows, nor their values.
+
+    ``device``: where the model runs ("cpu", "cuda[:N]", or "auto": between the GPU and the CPU on
+    the buffer's fill, per ``watermarks``). ``write_hdf5``: the write-through cache file, written by
+    the generator alone (see ``WriteThrough``); in-process jobs (``to_hdf5``, statistics) run with
+    ``in_process()``, which never writes it.
+    """
+
+    device: str = "cpu"
+    watermarks: tuple[float, float] = DEFAULT_WATERMARKS
+    write_hdf5: str | None = None
+
+    def in_process(self) -> GeneratorOptions:
+        """The options of a pass run in the training process: same device, no write-through."""
+        return GeneratorOptions(self.device, self.watermarks)
+
+
+class RowSource(Protocol):
+    """What the trainer and the generator need of a source, whatever produces its rows."""
+
+    seed: int
+    deterministic: bool
+
+    @property
+    def row_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def from_disk(self) -> bool:
+        """Rows read back from cache files rather than computed by a model."""
+        ...
+
+    def fingerprint(self) -> dict[str, object]: ...
+
+    def require_live(self, what: str) -> None:
+        """Raise ``TypeError`` naming ``what`` when the source cannot do what a live stream does."""
+        ...
+
+    def setup_process(self) -> None:
+        """Prepare the generator process (threads, numerics) before the graph is built."""
+        ...
+
+    def rows_graph(
+        self, plan: ResumePlan, options: GeneratorOptions, fill=None, report=None
+    ) -> PlannedNode[RowBlock]:
+        """The node graph producing the rows of ``plan``, built in the process that runs it."""
+        ...
+
+
+# Field metadata: ``file=False`` marks what the HDF5 files the stream writes do not record (it
+# decides how the pass is cut or served, not what a row holds); ``restore=False`` what a saved state
+# need not match (read from the model, not an option).
 PASS_ONLY = {"file": False}
 
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """Everything the generator needs, resolved and validated in the training process. Each option
-    is declared once, here: the resume fingerprint and the cache files' attributes derive from it."""
+    """What a live stream's rows are, resolved and validated in the training process. Each option is
+    declared once, here: the resume fingerprint and the cache files' attributes derive from it."""
 
     model: ModelSource | tuple[ModelSource, ...]  # a tuple: several models side by side in each row
     dataset: DatasetSource
@@ -40,18 +105,14 @@ class StreamSpec:
     d_model: int = field(metadata={"restore": False})  # read from the model, not an option
     generation_batch_size: int = field(metadata=PASS_ONLY)
     dtype: torch.dtype = field(metadata=PASS_ONLY)  # the buffer's; a file records its own
-    device: str = field(metadata=RUNTIME)
     seed: int = field(metadata=PASS_ONLY)
     exclude_bos: bool = True
     deterministic: bool = field(default=False, metadata=PASS_ONLY)
-    threads: int | None = field(default=None, metadata=RUNTIME)
     model_dtype: torch.dtype | None = None  # None: the buffer's dtype
     exclude_tokens: tuple[int, ...] = ()
     packing: str = "concat"
     rank: int = field(default=0, metadata=PASS_ONLY)
     world_size: int = field(default=1, metadata=PASS_ONLY)
-    watermarks: tuple[float, float] = field(default=DEFAULT_WATERMARKS, metadata=RUNTIME)
-    write_hdf5: str | None = field(default=None, metadata=RUNTIME)  # see ``WriteThrough``
 
     @property
     def diffing(self) -> bool:
@@ -86,10 +147,27 @@ class StreamSpec:
         models = (self.n_models,) if self.diffing else ()
         return (*models, len(self.capture), len(self.layers), self.d_model)
 
-    def rows_graph(self, plan, fill=None, report=None):
-        """Load model and tokenizer (in the generator process) and build text -> rows per ``plan``;
-        ``fill`` and ``report`` connect the device policy to the buffer (see ``Placement``)."""
-        return build_rows_graph(self, plan, fill, report)
+    @property
+    def from_disk(self) -> bool:
+        return False
+
+    def require_live(self, what: str) -> None:
+        return None
+
+    def setup_process(self) -> None:
+        """Every core for the forward; with ``deterministic``, bitwise reproducible GEMMs."""
+        torch.set_num_threads(os.cpu_count() or 1)
+        if self.deterministic:
+            reproducible_blas()
+
+    def rows_graph(
+        self, plan: ResumePlan, options: GeneratorOptions, fill=None, report=None
+    ) -> PlannedNode[RowBlock]:
+        """Load model and tokenizer (in the process that runs the pass) and build text -> rows per
+        ``plan``; ``fill`` and ``report`` connect the device policy to the buffer (see ``Placement``)."""
+        from actvpipe.pipeline import build_rows_graph
+
+        return build_rows_graph(self, plan, options, fill, report)
 
     def options(self, purpose: str) -> dict[str, object]:
         """The options that matter for ``purpose`` ("restore" or "file"), as plain values."""
@@ -110,8 +188,6 @@ class StreamSpec:
     def file_attrs(self) -> dict[str, object]:
         """What a cache file records about how its rows were made: the options recorded in files,
         with capture points and packing spelled out."""
-        from actvpipe import __version__
-
         tokenizer = self.tokenizer
         hashes = [s.config_hash for s in self.sources]
         several = {"n_models": self.n_models} if self.diffing else {}
@@ -161,10 +237,25 @@ class Hdf5Spec:
     def layers(self) -> tuple[int, ...]:
         return tuple(self.files[0].attrs["layers"])
 
-    def rows_graph(self, plan, fill=None, report=None):
+    @property
+    def from_disk(self) -> bool:
+        return True
+
+    def require_live(self, what: str) -> None:
+        raise TypeError(
+            f"{what}: this stream already reads HDF5 files; build a live stream with actvpipe.stream(...) "
+            "(or copy the files)"
+        )
+
+    def setup_process(self) -> None:
+        return None
+
+    def rows_graph(
+        self, plan: ResumePlan, options: GeneratorOptions, fill=None, report=None
+    ) -> PlannedNode[RowBlock]:
         return Hdf5Rows(self.files, plan.buffered, plan.frontier)
 
-    def fingerprint(self) -> dict[str, object]:
+    def fingerprint(self) -> dict[str, Any]:
         return {
             "files": [[f.path, f.rows] for f in self.files],
             "files_content": files_digest(f.path for f in self.files),

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 NORMALIZATIONS = ("sqrt_d", "standardize")
+STATS_ROWS = 100_000  # rows statistics are computed over, unless told otherwise
 
 
 class Welford:

@@ -1,19 +1,22 @@
-"""The fluent API: ``stream(...)`` -> ``.buffer(size)`` -> ``.batch(b)`` -> an ``ActivationLoader``."""
+"""The fluent API's descriptions: ``stream(...)`` -> ``.buffer(size)`` -> ``.batch(b)``.
+
+Each is a pure value: building one checks its arguments (and loads configs, not weights) but opens
+no file, starts no process and keeps no writer; the ``ActivationLoader`` that ``.batch()`` returns
+creates all of that when it starts.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torchdata.nodes import Loader
-from torchdata.nodes.loader import LoaderIterator
 
-from actvpipe.cache import compute_stats
+from actvpipe.batches import Batching
 from actvpipe.capture import DEFAULT_CAPTURE, check_capture, describe_capture
 from actvpipe.checks import (
     check_layers,
@@ -23,19 +26,18 @@ from actvpipe.checks import (
     resolve_device,
     resolve_rank,
 )
+from actvpipe.demo import DEMO_CONTEXT, corpus_path, demo_model_dir
 from actvpipe.device_copy import batch_device
 from actvpipe.documents import resolve_dataset
 from actvpipe.hdf5 import FORMAT, check_matching, dtype_name, expand_paths, open_cache_file
-from actvpipe.mixing import Mixing
+from actvpipe.loader import ActivationLoader
+from actvpipe.local_pass import compute_stats, write_cache
 from actvpipe.models import check_capture_modules, common_dims, resolve_models
-from actvpipe.monitor import Monitor
 from actvpipe.placement import DEFAULT_WATERMARKS, check_watermarks
-from actvpipe.resume import check_fingerprint
-from actvpipe.sampling import Batching, BufferBatcher, TokenBatch
-from actvpipe.spec import Hdf5Spec, StreamSpec
-from actvpipe.stats import NORMALIZATIONS, ActivationStats, Normalization
+from actvpipe.spec import GeneratorOptions, Hdf5Spec, RowSource, StreamSpec
+from actvpipe.stats import NORMALIZATIONS, STATS_ROWS, ActivationStats
 from actvpipe.text import PACKINGS
-from actvpipe.write_through import check_continuation, check_write_target
+from actvpipe.write_through import check_write_target
 
 GPT2_DEFAULTS = {
     "model": "openai-community/gpt2",
@@ -116,8 +118,6 @@ def stream(
         generation_batch_size=generation_batch_size,
         dtype=dtype,
         model_dtype=model_dtype,
-        device=device,
-        watermarks=watermarks,
         seed=seed,
         exclude_bos=exclude_bos,
         exclude_tokens=exclude_tokens,
@@ -126,12 +126,19 @@ def stream(
         world_size=world_size,
         deterministic=deterministic,
     )
-    return ActivationStream(spec)
+    return ActivationStream(spec, GeneratorOptions(device, watermarks))
 
 
 def gpt2_stream(**overrides: Any) -> ActivationStream:
     """GPT-2 small on OpenWebText, context 1024: rows ``[2, 12, 768]`` (needs the Hugging Face hub)."""
     return stream(**{**GPT2_DEFAULTS, **overrides})
+
+
+def demo_stream(**overrides: Any) -> ActivationStream:
+    """The embedded default, offline: a tiny GPT-2-architecture model on the bundled corpus, context
+    128, rows ``[2, 4, 64]`` (see ``actvpipe.demo``)."""
+    args = {"model": str(demo_model_dir()), "dataset": str(corpus_path()), "context_length": DEMO_CONTEXT}
+    return stream(**{**args, **overrides})
 
 
 def from_hdf5(
@@ -143,11 +150,13 @@ def from_hdf5(
     return ActivationStream(Hdf5Spec(files, seed=seed, deterministic=deterministic))
 
 
+@dataclass(frozen=True)
 class ActivationStream:
-    """A validated description of a stream; ``.buffer(size)`` adds the shared shuffle buffer."""
+    """A validated description of a stream: what its rows are (``spec``) and how a run produces them
+    (``options``). ``.buffer(size)`` adds the shared shuffle buffer."""
 
-    def __init__(self, spec: StreamSpec | Hdf5Spec):
-        self.spec = spec
+    spec: RowSource
+    options: GeneratorOptions = dataclasses.field(default_factory=GeneratorOptions)
 
     def to_hdf5(
         self,
@@ -160,14 +169,11 @@ class ActivationStream:
 
         Runs the model in this process; ``dtype`` is the storage dtype (default: the stream's).
         """
-        if not isinstance(self.spec, StreamSpec):
-            raise TypeError("to_hdf5: this stream already reads HDF5 files; copy the files instead")
-        from actvpipe.cache import write_cache
-
-        return write_cache(self.spec, path, max_rows, dtype, progress)
+        self.spec.require_live("to_hdf5")
+        return write_cache(self.spec, self.options.in_process(), path, max_rows, dtype, progress)
 
     @property
-    def row_shape(self) -> tuple[int, int, int]:
+    def row_shape(self) -> tuple[int, ...]:
         return self.spec.row_shape
 
     def buffer(
@@ -181,7 +187,7 @@ class ActivationStream:
         progress: bool | None = None,
         refresh_interval: float = 0.5,
         normalize: str | None = None,
-        stats_rows: int = 100_000,
+        stats_rows: int = STATS_ROWS,
         write_hdf5: str | os.PathLike | None = None,
     ) -> BufferedStream:
         """A shuffle buffer of ``size`` rows; batches are served while it holds ``warmup * size`` rows.
@@ -195,7 +201,7 @@ class ActivationStream:
         ``stats_rows`` rows, computed in this process when the loader first starts.
         ``write_hdf5`` also writes every live row the pass generates to that file, in generation
         order, as ``to_hdf5`` would: the first run streams and caches, later runs read the cache
-        (README, "Write-through cache").
+        (README, "Write-through cache"). Only the generator process writes it.
         """
         check_positive_int("size", size)
         check_shared_memory(size, self.spec.row_shape, self.spec.dtype, 1 + (hdf5 is not None))
@@ -211,25 +217,30 @@ class ActivationStream:
             raise ValueError(f"normalize: expected one of {NORMALIZATIONS} or None, got {normalize!r}")
         check_positive_int("stats_rows", stats_rows)
         disk = () if hdf5 is None else (self._disk_source(hdf5, hdf5_fraction),)
-        spec = self.spec
+        options = self.options
         if write_hdf5 is not None:
-            if not isinstance(spec, StreamSpec):
-                raise TypeError("write_hdf5: this stream already reads HDF5 files; copy the files instead")
-            target = check_write_target(write_hdf5, spec)
-            spec = dataclasses.replace(spec, write_hdf5=target)
-        monitor = Monitor(log_dir, progress, refresh_interval)
-        return BufferedStream(spec, size, warmup, disk, hdf5_fraction, monitor, normalize, stats_rows)
+            self.spec.require_live("write_hdf5")
+            options = dataclasses.replace(options, write_hdf5=check_write_target(write_hdf5, self.spec))
+        return BufferedStream(
+            ActivationStream(self.spec, options),
+            size,
+            warmup,
+            disk,
+            hdf5_fraction,
+            None if log_dir is None else os.fspath(log_dir),
+            progress,
+            refresh_interval,
+            normalize,
+            stats_rows,
+        )
 
-    def stats(self, rows: int = 100_000) -> ActivationStats:
+    def stats(self, rows: int = STATS_ROWS) -> ActivationStats:
         """Mean, std (per element) and mean norm (per capture point and layer) of the first ``rows``
         rows of the pass, computed in this process (Welford, float64)."""
-        return compute_stats(self.spec, rows)
+        return compute_stats(self.spec, self.options.in_process(), rows)
 
     def _disk_source(self, paths, fraction: float | None) -> Hdf5Spec:
-        if not isinstance(self.spec, StreamSpec):
-            raise TypeError(
-                "hdf5: interleaving mixes cached rows into a live stream; use actvpipe.stream(...)"
-            )
+        self.spec.require_live("hdf5")
         if fraction is not None and not 0.0 < fraction < 1.0:
             raise ValueError(
                 f"hdf5_fraction: a fraction between 0 and 1 (exclusive), or None; got {fraction!r}"
@@ -252,24 +263,29 @@ class ActivationStream:
         return disk
 
 
+@dataclass(frozen=True)
 class BufferedStream:
-    """A stream with its buffer (and any disk source mixed in); ``.batch(b)`` builds the loader."""
+    """A stream with its buffer (and any disk source mixed in), and how a loader over it is watched;
+    ``.batch(b)`` describes the loader. Each loader opens its own monitor when it starts."""
 
-    def __init__(
-        self,
-        spec: StreamSpec | Hdf5Spec,
-        size: int,
-        warmup: float,
-        disk: tuple[Hdf5Spec, ...] = (),
-        hdf5_fraction: float | None = None,
-        monitor: Monitor | None = None,
-        normalize: str | None = None,
-        stats_rows: int = 100_000,
-    ):
-        self.spec, self.size, self.warmup = spec, size, warmup
-        self.disk, self.hdf5_fraction = disk, hdf5_fraction
-        self.monitor = monitor or Monitor(None, False, 1.0)
-        self.normalize, self.stats_rows = normalize, stats_rows
+    stream: ActivationStream
+    size: int
+    warmup: float
+    disk: tuple[Hdf5Spec, ...]
+    hdf5_fraction: float | None
+    log_dir: str | None
+    progress: bool | None
+    refresh_interval: float
+    normalize: str | None
+    stats_rows: int
+
+    @property
+    def spec(self) -> RowSource:
+        return self.stream.spec
+
+    @property
+    def options(self) -> GeneratorOptions:
+        return self.stream.options
 
     def batch(
         self,
@@ -297,127 +313,4 @@ class BufferedStream:
                 f"batch_size: {batch_size} is larger than the buffer ({self.size} rows); "
                 f"pass .buffer(size) with size >= {batch_size} or a smaller batch_size"
             )
-        return ActivationLoader(self, batch_size, drop_last, with_tokens, pin_memory, device)
-
-
-class ActivationLoader:
-    """Iterable of batches ``[batch, k, n_layers, d_model]``, driven by a ``torchdata.nodes.Loader``.
-
-    ``start()`` launches the generator and returns at once; iterating starts it implicitly; each new
-    iteration after a finished pass starts a new pass. ``close()`` (or leaving a ``with`` block)
-    stops the generator and frees the shared memory. ``state_dict()`` / ``load_state_dict()``
-    checkpoint the loader exactly (see README, "Checkpointing").
-    """
-
-    def __init__(
-        self,
-        buffered: BufferedStream,
-        batch_size: int,
-        drop_last: bool,
-        with_tokens: bool,
-        pin_memory: bool = False,
-        device: torch.device | None = None,
-    ):
-        self.spec = buffered.spec
-        self.buffer_size = buffered.size
-        self.batch_size = batch_size
-        sources = [self.spec, *buffered.disk]
-        mixing = Mixing(
-            size=buffered.size,
-            min_fill=max(1, round(buffered.warmup * buffered.size), batch_size),
-            n_sources=len(sources),
-            fraction=buffered.hdf5_fraction,
-            deterministic=self.spec.deterministic,
-            disk_rows=sum(f.rows for disk in buffered.disk for f in disk.files),
-        )
-        batching = Batching(batch_size, drop_last, with_tokens, pin_memory, device)
-        self._node = BufferBatcher(sources, batching, mixing, buffered.normalize, buffered.stats_rows)
-        self._loader = Loader(self._node)
-        self._loaded: dict[str, Any] | None = None
-        self._monitor = buffered.monitor
-        self._monitor.disk_sources = tuple(isinstance(s, Hdf5Spec) for s in sources)
-        self._monitor.watermarks = self.spec.watermarks if isinstance(self.spec, StreamSpec) else None
-
-    def start(self) -> ActivationLoader:
-        """Launch the generators (for the loaded state, if any) and return at once."""
-        self._node.start(self._loaded)
-        return self
-
-    def __iter__(self) -> Iterator[torch.Tensor | TokenBatch]:
-        batches = iter(self._loader)
-        self._loaded = None
-        return self._monitored(batches) if self._monitor.active else batches
-
-    def _monitored(self, batches: Iterator) -> Iterator[torch.Tensor | TokenBatch]:
-        """Time each wait for a batch and let the monitor sample the counters."""
-        try:
-            while True:
-                start = time.perf_counter()
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    return
-                self._monitor.after_batch(self._node.run, len(batch), time.perf_counter() - start)
-                yield batch
-        finally:
-            self._monitor.end_pass()  # stdout is the user's again once iteration ends, however it ends
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain picklable state of the latest iterator: a few integers and 4-8 bytes per buffered row."""
-        return self._loader.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from ``state`` at the next iteration (call before iterating).
-
-        Raises ``ValueError`` at once, listing each difference, if ``state`` was saved by a loader
-        built with other arguments, or if ``write_hdf5`` names a file that does not hold the rows
-        served before the save (it would be left with a gap).
-        """
-        root = state[LoaderIterator.ROOT_KEY]
-        check_fingerprint(root["fingerprint"], self._node.fingerprint())
-        if isinstance(self.spec, StreamSpec) and self.spec.write_hdf5 is not None:
-            check_continuation(self.spec, int(root["frontiers"][0]))
-        self._loader = Loader(self._node)  # torchdata 0.11 ignores a load after an earlier state_dict()
-        self._loader.load_state_dict(state)
-        self._loaded = state[LoaderIterator.ROOT_KEY]  # what start() launches the generators for
-
-    def stats(self) -> ActivationStats:
-        """Statistics of the first ``stats_rows`` rows (see ``.buffer``): tensors, and ``.to_json()``."""
-        return self._node.stats()
-
-    @property
-    def normalization(self) -> Normalization | None:
-        """The ``(x - shift) * scale`` applied to served batches, once started (None: raw rows)."""
-        return self._node.normalization
-
-    def close(self) -> None:
-        self._monitor.close()
-        self._node.close()
-
-    def __enter__(self) -> ActivationLoader:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def counters(self) -> dict[str, int]:
-        """Rows ``written`` by the generators, ``published`` (sampleable), ``served``, ``computed`` by the
-        sources, and the current ``fill``, for the current pass (all zero before ``start()``)."""
-        run = self._node.run
-        names = ("written", "published", "served", "computed")
-        if run is None:
-            return dict.fromkeys((*names, "fill"), 0)
-        trainer = run.ledger.counts
-        counts = {"written": run.buffer.total("written"), "computed": run.buffer.total("computed")}
-        return {
-            **counts,
-            "published": sum(trainer.published),
-            "served": trainer.served,
-            "fill": trainer.n_full,
-        }
-
-    @property
-    def generator_pid(self) -> int | None:
-        """PID of the current generator process (None before ``start()``)."""
-        run = self._node.run
-        return run.generators.process.pid if run is not None else None
+        return ActivationLoader(self, Batching(batch_size, drop_last, with_tokens, pin_memory, device))

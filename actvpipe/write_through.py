@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torchdata.nodes import BaseNode
 
+from actvpipe.generator_node import PlannedNode
 from actvpipe.hdf5 import FORMAT, dtype_name, open_cache_file, open_h5
 from actvpipe.hdf5_writer import Hdf5RowWriter
 from actvpipe.records import RowBlock
@@ -62,14 +63,13 @@ def row_id(seq: int, pos: int, context_length: int, first_pos: int) -> int:
     return seq * (context_length - first_pos) + pos - first_pos
 
 
-def check_continuation(spec: StreamSpec, frontier: int) -> None:
+def check_continuation(spec: StreamSpec, path: str, frontier: int) -> None:
     """A restored pass continues the file its run wrote, which holds every row published before the
     save (rows are committed before they are published): a file missing those rows would keep a gap.
     Row ids are contiguous unless tokens are excluded, contexts padded or ranks interleaved; then
     only a missing or empty file is caught."""
     if frontier == 0:
         return
-    path = spec.write_hdf5
     rows = open_cache_file(path).rows if os.path.exists(path) else 0
     last = -1
     if rows:
@@ -85,7 +85,7 @@ def check_continuation(spec: StreamSpec, frontier: int) -> None:
         )
 
 
-class WriteThrough(BaseNode[RowBlock]):
+class WriteThrough(PlannedNode[RowBlock]):
     """Passes blocks through unchanged, first appending the rows the file does not hold yet; at the
     end of the pass adds the statistics and marks the file complete.
 
@@ -121,7 +121,6 @@ class WriteThrough(BaseNode[RowBlock]):
         if self._pending is not None and self._pending.written is not None:
             self._pending.written.result()  # a write in flight ends (or raises) before the restart
         self._pending = None
-        self._state = self.source.state_dict()
         if self._writer is not None:
             return
         if not os.path.exists(self.path):
@@ -144,7 +143,6 @@ class WriteThrough(BaseNode[RowBlock]):
         self._pending = self._pull()  # the next forward runs while this block is written
         if current.written is not None:
             current.written.result()
-        self._state = current.state
         return current.block
 
     def _pull(self) -> _Pending:
@@ -160,16 +158,13 @@ class WriteThrough(BaseNode[RowBlock]):
             if new.any():
                 written = self._thread.submit(self._writer.write, block if new.all() else block.select(new))
                 self._last = int(ids[new][-1])
-        return _Pending(block, written, self.source.state_dict())
+        return _Pending(block, written)
 
     def _finish(self) -> None:
         if self._writer is not None:
             self._thread.shutdown()
             self._writer.finish()
             self._writer = self._thread = None
-
-    def get_state(self) -> dict[str, Any]:
-        return self._state
 
 
 @dataclass
@@ -178,7 +173,6 @@ class _Pending:
 
     block: RowBlock
     written: Future | None
-    state: dict[str, Any]
 
 
-_END = _Pending(None, None, {})  # the source ended
+_END = _Pending(None, None)  # the source ended

@@ -32,8 +32,7 @@ def pass_rows(
         for batch in loader:
             sums.append(batch.acts.double().sum())
             batches.append(batch)
-        run = loader._node.run
-        on_gpu = run is not None and bool(run.buffer.get("on_gpu", 0))
+        on_gpu = loader.on_gpu
     host = [float(b.acts.cpu().double().sum()) for b in batches]
     complete = all(abs(float(s) - h) <= 1e-9 * max(1.0, abs(h)) for s, h in zip(sums, host, strict=True))
     acts = torch.cat([b.acts.cpu() for b in batches]).float()

@@ -30,8 +30,8 @@ import numpy as np
 
 import actvpipe
 from actvpipe.demo import corpus_texts, demo_model_dir
+from actvpipe.loader_state import BufferState, LoaderState
 from actvpipe.models import load_tokenizer
-from actvpipe.resume import make_state
 from actvpipe.text import DocumentBlocks, PackedContexts, batch_encoder
 from benchmarks.common import Result, cli
 
@@ -99,7 +99,7 @@ def state_at(data, fraction: float, n_docs: int) -> dict:
     loader = stream.buffer(BUFFER).batch(BATCH)
     with loader:  # a real state, for everything but the position
         next(iter(loader))
-        template = pickle.loads(pickle.dumps(loader.state_dict()))
+        template = LoaderState.from_dict(pickle.loads(pickle.dumps(loader.state_dict())))
     spec = stream.spec
     documents = DocumentBlocks(spec.dataset)
     packer = PackedContexts(documents, load_tokenizer(spec.model.tokenizer), CONTEXT, GEN_BATCH)
@@ -120,11 +120,14 @@ def state_at(data, fraction: float, n_docs: int) -> dict:
             for i, key in enumerate(("block_seq", "block_record", "block_offset"))
         },
     }
-    root = template["root"]
-    sampler = {k: root[k] for k in ("rng", "pass", "batches", "published", "normalization")}
+    saved = template.buffer
     frontier = blocks[-1][0] * per_context
-    state = make_state(loader._node.fingerprint(), [frontier], meta, [blocks[-1]], sampler)
-    return {**template, "root": state}
+    made = BufferState.capture(
+        saved.rng, saved.pass_number, saved.batches, saved.published, [frontier], meta, [blocks[-1]]
+    )
+    sampler = template.sampler_state()
+    sampler.update(made.to_dict())
+    return template.to_dict()
 
 
 def first_batch_seconds(data, state: dict | None) -> float:

@@ -22,27 +22,28 @@ import torch
 
 from actvpipe.ledger import Ledger
 from actvpipe.outputs import OutputPool
-from actvpipe.shm import SharedRowBuffer
+from actvpipe.shm import GeneratorView, SharedBlock, TrainerView
 from benchmarks.common import Result, cli, warm_memory
 
 GPT2_SMALL_ROW = (2, 12, 768)
 SMALL_ROW = (2, 2, 16)
 
 
-def full_buffer(size: int, row_shape: tuple[int, ...]) -> tuple[SharedRowBuffer, Ledger]:
+def full_buffer(size: int, row_shape: tuple[int, ...]) -> tuple[SharedBlock, Ledger]:
     """A buffer whose every slot holds a row and is sampleable, as after the warm-up."""
-    buffer = SharedRowBuffer.create(size, row_shape, torch.float32)
+    block = SharedBlock.create(size, row_shape, torch.float32)
     for lo in range(0, size, 4096):
-        rows = buffer.rows[lo : lo + 4096]
+        rows = block.rows[lo : lo + 4096]
         rows.copy_(torch.randn(rows.shape))
-    ledger = Ledger(buffer, [size], [0], [0])
-    buffer.push(buffer.claim(size))
+    ledger = Ledger(TrainerView(block), [size], [0], [0])
+    generator = GeneratorView(block, 0)
+    generator.push(generator.claim(size))
     ledger.publish(0, size)
-    return buffer, ledger
+    return block, ledger
 
 
 def seconds_per_batch(
-    buffer: SharedRowBuffer, ledger: Ledger, batch: int, seconds: float, pool: OutputPool | None
+    block: SharedBlock, ledger: Ledger, batch: int, seconds: float, pool: OutputPool | None
 ) -> float:
     """The training side's serving path per batch (draw, gather, remove, grant, publish), holding
     each batch until the next is drawn as a training loop does: gathered into ``pool`` (the loader's
@@ -50,6 +51,7 @@ def seconds_per_batch(
     time the steady state), or into a fresh tensor each time (``None``). The refill the generator
     would do (claim and push the granted slots) runs between batches, untimed."""
     rng = np.random.default_rng(0)
+    buffer, generator = ledger.buffer, GeneratorView(block, 0)
     n, timed, served = 0, 0.0, None
     while timed < seconds:
         start = time.perf_counter()
@@ -58,7 +60,7 @@ def seconds_per_batch(
         ledger.remove(draw)
         ledger.grant()
         timed += time.perf_counter() - start
-        buffer.push(buffer.claim(batch))  # the generator's part
+        generator.push(generator.claim(batch))  # the generator's part
         start = time.perf_counter()
         ledger.publish(0, batch)
         timed += time.perf_counter() - start

@@ -35,7 +35,7 @@ def shuffle_ratio(texts: list[str], batch: int) -> tuple[float, float, int]:
     with stream.buffer(200_000).batch(batch, with_tokens=True) as loader:
         it = iter(loader)
         first = next(it)  # the warm-up: the first batch waits for half the pass
-        run, deadline = loader._node.run, time.monotonic() + 300
+        run, deadline = loader._passes.run, time.monotonic() + 300
         while not run.top_up()[1]:  # publishes what arrives; True once every row of the pass is in
             if time.monotonic() > deadline:
                 raise RuntimeError("the pass did not fit in the buffer; use fewer documents")

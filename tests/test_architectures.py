@@ -10,7 +10,7 @@ from conftest import reference_contexts
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import actvpipe
-from actvpipe.capture import ActivationCapture, SideBySideCapture
+from actvpipe.capture import ActivationCapture, MultiModelCapture
 
 CTX = 32
 SMALL = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, "num_hidden_layers": 2}
@@ -227,7 +227,7 @@ def test_rows_still_held_are_never_overwritten_by_the_next_forward(arch_dirs, co
     tokens = contexts["gpt2"]
     models = [AutoModel.from_pretrained(arch_dirs["gpt2"]).eval() for _ in range(2)]
     single = ActivationCapture(models[0], [0, 1], 0)
-    side_by_side = SideBySideCapture([ActivationCapture(m, [0, 1], 0) for m in models])
+    side_by_side = MultiModelCapture([ActivationCapture(m, [0, 1], 0) for m in models])
     for capture in (single, side_by_side):
         held = capture(tokens)
         expected = held.clone()

@@ -57,7 +57,7 @@ def test_fixed_device_never_moves(model_dir):
 
 
 def test_auto_is_adaptive_with_cuda_and_the_cpu_without(model_dir, texts):
-    device = actvpipe.stream(model_dir, texts[:2], context_length=CTX, device="auto").spec.device
+    device = actvpipe.stream(model_dir, texts[:2], context_length=CTX, device="auto").options.device
     assert device == ("auto" if torch.cuda.is_available() else "cpu")
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from actvpipe.loader_state import LoaderState
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -36,10 +38,10 @@ def test_training_example_checkpoints_and_resumes(script, trained, tmp_path):
     assert re.findall(r"step (\d+): loss", first) == ["3", "6"]
     saved = torch.load(ckpt, weights_only=False)
     assert saved["step"] == 6 and {trained, "optimizer", "loader"} <= set(saved)
-    assert saved["loader"]["root"]["batches"] == 6
+    assert LoaderState.from_dict(saved["loader"]).buffer.batches == 6
     second = run(script, "--steps", "9", "--every", "3", "--checkpoint", ckpt, "--resume", env=env)
     assert "resumed at step 6" in second
     assert re.findall(r"step (\d+): loss", second) == ["9"]
     losses = [float(x) for x in re.findall(r"loss ([0-9.]+)", first + second)]
     assert all(0 < x < 1e3 for x in losses)
-    assert torch.load(ckpt, weights_only=False)["loader"]["root"]["batches"] == 9
+    assert LoaderState.from_dict(torch.load(ckpt, weights_only=False)["loader"]).buffer.batches == 9

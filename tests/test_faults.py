@@ -22,7 +22,7 @@ from actvpipe import ledger as ledger_module
 from actvpipe.generator import PAUSE_VARIABLE
 from actvpipe.ledger import Ledger
 from actvpipe.pass_run import PassRun
-from actvpipe.shm import SharedRowBuffer
+from actvpipe.shm import TrainerView
 from actvpipe.stats import Normalization
 
 CTX, BATCH, BUFFER = 32, 100, 500
@@ -129,8 +129,8 @@ STEPS = [
     (Ledger, "publish", "after"),
     (Ledger, "grant", "after"),
     (Ledger, "draw", "after"),
-    (SharedRowBuffer, "gather", "after"),
-    (SharedRowBuffer, "provenance", "after"),
+    (TrainerView, "gather", "after"),
+    (TrainerView, "provenance", "after"),
     (Normalization, "apply_", "after"),
     (ledger_module, "remove_positions", "after"),
 ]

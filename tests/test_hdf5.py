@@ -128,6 +128,43 @@ def test_from_hdf5_serves_every_row_once(cache_file, expected, layout, tmp_path)
     torch.testing.assert_close(acts, rows[seq * (CTX - 1) + pos - 1], rtol=1e-4, atol=1e-5)
 
 
+def filtered_copy(path, out, layout: str):
+    """The same file with chunks of 100 rows that the raw reader must not read as they lie: stored
+    with HDF5's scale-offset filter (which h5py does not report as compression), or with one chunk
+    never written (unallocated: HDF5 reads it as the fill value)."""
+    with h5py.File(path, "r") as src, h5py.File(out, "w") as dst:
+        dst.attrs.update(src.attrs)
+        for key, data in src.items():
+            if not isinstance(data, h5py.Dataset):
+                continue
+            if key != "activations":
+                dst.create_dataset(key, data=data[:])
+            elif layout == "scale-offset":
+                dst.create_dataset(key, data=data[:], chunks=(100, *data.shape[1:]), scaleoffset=3)
+            else:
+                made = dst.create_dataset(key, data.shape, data.dtype, chunks=(100, *data.shape[1:]))
+                made[:100], made[200:] = data[:100], data[200:]
+    return out
+
+
+@pytest.mark.parametrize("layout", ["scale-offset", "unallocated chunk"])
+def test_a_file_that_cannot_be_read_raw_is_served_as_hdf5_reads_it(cache_file, layout, tmp_path):
+    """Every row served equals h5py's own read of that row. Before, the raw-chunk reader checked
+    only gzip, lzf, szip and shuffle, so scale-offset bytes were served as rows, and an unallocated
+    chunk (byte offset 0) served the file's header as rows."""
+    path = filtered_copy(cache_file, tmp_path / "filtered.h5", layout)
+    with h5py.File(path, "r") as f:
+        stored, seq, pos = f["activations"][:], f["seq"][:], f["pos"][:]
+    row_of = {(int(s), int(p)): i for i, (s, p) in enumerate(zip(seq, pos, strict=True))}
+    with actvpipe.from_hdf5(path).buffer(400).batch(64, with_tokens=True) as loader:
+        batches = list(loader)
+    rows = [row_of[int(s), int(p)] for b in batches for s, p in zip(b.seq, b.pos, strict=True)]
+    assert sorted(rows) == list(range(len(stored)))
+    assert np.array_equal(torch.cat([b.acts for b in batches]).numpy(), stored[rows])
+    if layout == "unallocated chunk":
+        assert not stored[100:200].any() and stored[:100].any()
+
+
 def test_several_files_by_list_and_glob(tmp_path, model_dir, texts, expected):
     a = actvpipe.stream(model_dir, texts[:6], context_length=CTX).to_hdf5(
         tmp_path / "part-0.h5", progress=False

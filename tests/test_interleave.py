@@ -9,6 +9,7 @@ import torch
 from conftest import assert_exact_rows, reference_pass, resumed_run
 
 import actvpipe
+from actvpipe.loader_state import LoaderState
 
 CTX = 32
 
@@ -83,7 +84,7 @@ def test_interleaved_resume_is_exact(
         it = iter(loader)
         first = [next(it) for _ in range(midpoint)]
         state = pickle.loads(pickle.dumps(loader.state_dict()))
-    assert len(state["root"]["frontiers"]) == 2
+    assert len(LoaderState.from_dict(state).buffer.frontiers) == 2
     fresh = mixed(model_dir, live_docs, disk_file, fraction=0.3)
     fresh.load_state_dict(state)
     with fresh:

@@ -18,7 +18,7 @@ import torch
 from conftest import reference_contexts
 
 import actvpipe
-from actvpipe.shm import SharedRowBuffer
+from actvpipe.shm import SharedBlock
 
 
 def shm_entries(pid: int | None = None) -> set[str]:
@@ -71,7 +71,7 @@ def test_start_returns_before_any_row_exists(small_stream):
 
 
 def test_buffer_pickles_as_name_and_shape_only():
-    big = SharedRowBuffer.create(200_000, (2, 12, 768), torch.float32)  # 14.7 GB, untouched
+    big = SharedBlock.create(200_000, (2, 12, 768), torch.float32)  # 14.7 GB, untouched
     try:
         payload = pickle.dumps(big)
         assert len(payload) < 1024

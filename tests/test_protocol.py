@@ -11,21 +11,21 @@ from hypothesis import strategies as st
 from actvpipe.ledger import Ledger, initial_grants
 from actvpipe.mixing import Mixing, Observed
 from actvpipe.outputs import OutputPool
-from actvpipe.shm import SharedRowBuffer
+from actvpipe.shm import GeneratorView, SharedBlock, TrainerView
 
 SIZE = 16
 
 
-def locations(buffer: SharedRowBuffer, ledger: Ledger, held: list[list[int]]) -> list[int]:
+def locations(block: SharedBlock, ledger: Ledger, held: list[list[int]]) -> list[int]:
     """Every slot, once per place it is in: pool, free rings, claimed by a source, FIFOs, full list."""
-    c = ledger.counts
-    out = [*ledger.pool[: c.pool].tolist(), *range(c.fresh, buffer.size)]
-    for k in range(buffer.n_sources):
-        claimed = buffer.get("claimed", k)
-        out += buffer.free_slots(k, claimed, c.granted[k] - claimed).tolist()
+    c, trainer = ledger.counts, ledger.buffer
+    out = [*ledger.pool[: c.pool].tolist(), *range(c.fresh, block.size)]
+    for k in range(block.n_sources):
+        claimed = trainer.claimed(k)
+        out += block.free_slots(k, claimed, c.granted[k] - claimed).tolist()
         out += held[k]
-        out += buffer.fifos[k][np.arange(c.published[k], buffer.get("written", k)) % buffer.size].tolist()
-    return out + buffer.full[: c.n_full].tolist()
+        out += block.fifos[k][np.arange(c.published[k], trainer.written(k)) % block.size].tolist()
+    return out + block.full[: c.n_full].tolist()
 
 
 operations = st.lists(
@@ -39,19 +39,20 @@ operations = st.lists(
 @settings(max_examples=60, deadline=None)
 @given(operations, st.integers(1, 2), st.lists(st.integers(0, SIZE), min_size=2, max_size=2))
 def test_every_slot_is_in_exactly_one_place_after_any_interleaving(ops, n_sources, caps):
-    buffer = SharedRowBuffer.create(SIZE, (1, 1, 2), torch.float32, n_sources)
+    buffer = SharedBlock.create(SIZE, (1, 1, 2), torch.float32, n_sources)
+    sources = [GeneratorView(buffer, k) for k in range(n_sources)]
     try:
         caps = caps[:n_sources]
-        ledger = Ledger(buffer, caps, [0] * n_sources, [0] * n_sources)
+        ledger = Ledger(TrainerView(buffer), caps, [0] * n_sources, [0] * n_sources)
         assert not any(ring.any() for ring in buffer.free_rings), "handing out the first slots wrote nothing"
         held: list[list[int]] = [[] for _ in range(n_sources)]
         rng = np.random.default_rng(0)
         for op, k, n in ops:
             k = k % n_sources
             if op == "claim":
-                held[k] += buffer.claim(n, k).tolist()
+                held[k] += sources[k].claim(n).tolist()
             elif op == "push":
-                buffer.push(np.array(held[k], dtype=np.int64), None, k)
+                sources[k].push(np.array(held[k], dtype=np.int64), None)
                 held[k] = []
             elif op == "publish":
                 ledger.publish(k, n)
@@ -68,12 +69,13 @@ def test_every_slot_is_in_exactly_one_place_after_any_interleaving(ops, n_source
 
 
 def test_a_finished_source_gives_back_the_slots_it_did_not_use():
-    buffer = SharedRowBuffer.create(SIZE, (1, 1, 2), torch.float32, 2)
+    buffer = SharedBlock.create(SIZE, (1, 1, 2), torch.float32, 2)
     try:
-        ledger = Ledger(buffer, [SIZE, 6], [0, 0], [0, 0])
+        ledger = Ledger(TrainerView(buffer), [SIZE, 6], [0, 0], [0, 0])
         assert initial_grants([SIZE, 6], SIZE) == [10, 6]
-        buffer.push(buffer.claim(2, 1), None, 1)
-        buffer.finish(1)
+        disk = GeneratorView(buffer, 1)
+        disk.push(disk.claim(2), None)
+        disk.finish()
         ledger.grant()
         assert ledger.counts.granted[1] == 2 and ledger.counts.granted[0] == SIZE - 2
     finally:

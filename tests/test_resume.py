@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -16,6 +17,7 @@ from conftest import assert_exact_batches, assert_exact_rows, reference_pass, re
 from test_lifecycle import shm_entries, wait_gone
 
 import actvpipe
+from actvpipe.loader_state import LoaderState
 
 CTX, GEN_BATCH, BUFFER, BATCH = 32, 4, 600, 100
 
@@ -62,9 +64,9 @@ def test_resume_serves_exactly_the_rest_of_the_pass(model_dir, docs, reference, 
     loader = make_loader(model_dir, docs)
     with loader:
         _, served, state = save_mid_pass(loader, midpoint)
-    root = state["root"]
-    assert root["buffered"].dtype == torch.int32 and root["buffered"].numel() <= BUFFER
-    assert len(root["blocks"]) == 1 and root["blocks"][0].shape[1] == 3
+    saved = LoaderState.from_dict(state).buffer
+    assert saved.buffered.dtype == torch.int32 and saved.buffered.numel() <= BUFFER
+    assert len(saved.blocks) == 1 and saved.blocks[0].shape[1] == 3
     with make_loader(model_dir, docs) as fresh:
         fresh.load_state_dict(state)
         rest = list(fresh)
@@ -72,7 +74,7 @@ def test_resume_serves_exactly_the_rest_of_the_pass(model_dir, docs, reference, 
     assert_is_the_full_pass(served + rest, reference)
     total = len(reference[0]) * (CTX - 1)
     per_block = GEN_BATCH * (CTX - 1)
-    assert computed <= (total - root["frontiers"][0]) + len(root["blocks"][0]) * per_block, (
+    assert computed <= (total - saved.frontiers[0]) + len(saved.blocks[0]) * per_block, (
         "reran more than was lost"
     )
     if midpoint > 20:
@@ -224,17 +226,24 @@ def test_restoring_after_the_data_or_the_weights_changed_names_what_changed(mode
     assert "dataset_content" in str(info.value), "rewriting a file changes its modification time"
 
 
-def test_fingerprint_and_file_attributes_derive_from_the_options_declared_once(model_dir, docs):
-    from dataclasses import fields
-
-    from actvpipe.spec import StreamSpec
-
-    spec = actvpipe.stream(model_dir, docs, context_length=CTX, modules=("h.{i}.ln_2", "h.{i}.mlp")).spec
-    declared = {f.name: f.metadata for f in fields(StreamSpec)}
-    restore = {name for name, meta in declared.items() if meta.get("restore", True)}
-    assert set(spec.fingerprint()) == restore | {"model_content", "dataset_content"}
-    assert {name for name, meta in declared.items() if meta.get("file", True)} <= set(spec.file_attrs())
-    assert not {"device", "threads", "watermarks"} & set(spec.fingerprint()), "where rows are computed"
+def test_the_fingerprint_and_file_attributes_hold_what_rows_are_and_nothing_of_how_they_are_made(
+    model_dir, docs, tmp_path
+):
+    """The identity (``stream.spec``) lists exactly what a row depends on; the generator options
+    (device, watermarks, write-through file) live apart and reach neither. Before the identity and
+    options were split, the spec carried ``device``, ``watermarks``, ``threads`` and ``write_hdf5``."""
+    stream = actvpipe.stream(model_dir, docs, context_length=CTX, modules=("h.{i}.ln_2", "h.{i}.mlp"))
+    buffered = stream.buffer(1000, write_hdf5=tmp_path / "c.h5")
+    identity = {
+        "model", "dataset", "context_length", "layers", "capture", "modules", "generation_batch_size",
+        "dtype", "seed", "exclude_bos", "deterministic", "model_dtype", "exclude_tokens", "packing",
+        "rank", "world_size",
+    }  # fmt: skip
+    assert set(buffered.spec.fingerprint()) == identity | {"model_content", "dataset_content"}
+    in_files = identity - {"generation_batch_size", "dtype", "seed", "deterministic", "rank", "world_size"}
+    assert in_files | {"d_model"} <= set(buffered.spec.file_attrs())
+    assert not {"device", "watermarks", "write_hdf5"} & {f.name for f in dataclasses.fields(buffered.spec)}
+    assert buffered.options.write_hdf5 == str(tmp_path / "c.h5") and buffered.options.device == "cpu"
 
 
 def test_a_loaded_model_is_fingerprinted_by_its_parameters(model_dir, docs):
@@ -313,7 +322,7 @@ def test_restore_reads_the_dataset_once_however_many_blocks_it_repacks(
     from torchdata.nodes import Loader
 
     import actvpipe.text
-    from actvpipe.resume import plans_from_state
+    from actvpipe.spec import GeneratorOptions
 
     docs = [f"{texts[i % len(texts)]} {i}" for i in range(60)]
     data = tmp_path / "docs.jsonl"
@@ -325,7 +334,7 @@ def test_restore_reads_the_dataset_once_however_many_blocks_it_repacks(
 
     batches, state = resumed_run(loader, 12)
     assert_exact_batches(batches, reference_pass(model_dir, docs, CTX), CTX)
-    (plan,), _ = plans_from_state(state["root"])
+    (plan,), _ = LoaderState.from_dict(state).buffer.plans()
     assert len(plan.blocks) >= 20, "the saved buffer spans many blocks"
 
     opened = []
@@ -334,7 +343,7 @@ def test_restore_reads_the_dataset_once_however_many_blocks_it_repacks(
         actvpipe.text, "document_blocks", lambda *a, **k: (opened.append(k["start"]), real(*a, **k))[1]
     )
     regenerated = []
-    for block in Loader(loader().spec.rows_graph(plan)):
+    for block in Loader(loader().spec.rows_graph(plan, GeneratorOptions())):
         regenerated.append(block.meta["row_id"])
         if sum(map(len, regenerated)) >= len(plan.buffered):
             break

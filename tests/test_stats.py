@@ -13,6 +13,7 @@ import torch
 from conftest import assert_exact_batches, reference_pass, resumed_run
 
 import actvpipe
+from actvpipe.loader_state import LoaderState
 from actvpipe.stats import ActivationStats, Welford
 
 CTX = 32
@@ -63,7 +64,7 @@ def test_normalised_serving_and_exact_resume(model_dir, texts, reference, pass_r
         return stream.buffer(400, normalize=kind, stats_rows=300).batch(100, with_tokens=True)
 
     batches, state = resumed_run(loader, 2)
-    assert state["root"]["normalization"]["kind"] == kind
+    assert LoaderState.from_dict(state).find("normalization")["normalization"]["kind"] == kind
     assert_stats(loader().stats(), pass_rows[:300])  # computed without starting anything
     contexts, rows = reference
     if kind == "sqrt_d":

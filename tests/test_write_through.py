@@ -3,7 +3,6 @@ any instant leaves a valid, readable, continuable file; a restored loader contin
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pickle
 import signal
@@ -22,6 +21,7 @@ from actvpipe.generator import GeneratorError
 from actvpipe.hdf5 import open_cache_file
 from actvpipe.hdf5_writer import Hdf5RowWriter
 from actvpipe.resume import ResumePlan
+from actvpipe.spec import GeneratorOptions
 from actvpipe.write_through import WriteThrough
 
 CTX = 32
@@ -70,6 +70,35 @@ def test_a_pass_mixed_with_disk_rows_writes_exactly_the_live_rows(stream, refere
     assert os.stat(path).st_mtime_ns == before
 
 
+def test_statistics_and_normalisation_never_open_the_live_cache_for_writing(
+    stream, reference, tmp_path, monkeypatch
+):
+    """Only the generator writes the write-through file. Before the identity (``StreamSpec``) and
+    the generator options were split, ``stats()`` and ``normalize=`` built the generator's graph in
+    the training process, write-through node included: a second writer on the live file."""
+    opened = []
+    create, reopen = Hdf5RowWriter.__init__, Hdf5RowWriter.continue_file.__func__
+
+    def spy_create(self, path, *args, **kwargs):
+        opened.append(str(path))
+        create(self, path, *args, **kwargs)
+
+    def spy_reopen(cls, path):
+        opened.append(str(path))
+        return reopen(cls, path)
+
+    monkeypatch.setattr(Hdf5RowWriter, "__init__", spy_create)
+    monkeypatch.setattr(Hdf5RowWriter, "continue_file", classmethod(spy_reopen))
+    path = tmp_path / "live.h5"
+    buffered = stream.buffer(3000, normalize="standardize", stats_rows=1000, write_hdf5=path)
+    with buffered.batch(500) as loader:
+        stats = loader.stats()
+        served = sum(len(b) for b in loader)
+    assert opened == [], "the training process opened a cache writer"
+    assert stats.rows == 1000 and served == open_cache_file(str(reference)).rows
+    assert_same_file(path, reference)
+
+
 class CountedPulls(BaseNode):
     """The write-through node's real source, counting the blocks pulled from it."""
 
@@ -97,7 +126,7 @@ def test_blocks_are_committed_before_they_are_returned_and_written_during_the_ne
     (``row_count`` covers it), and the next block has been computed by then (its write overlapped
     that forward); the file is the one ``to_hdf5`` writes."""
     path = tmp_path / "acts.h5"
-    graph = dataclasses.replace(stream.spec, write_hdf5=str(path)).rows_graph(ResumePlan.fresh())
+    graph = stream.spec.rows_graph(ResumePlan.fresh(), GeneratorOptions(write_hdf5=str(path)))
     assert isinstance(graph, WriteThrough)
     graph.source = counted = CountedPulls(graph.source)
     returned, pulls = 0, []
@@ -216,7 +245,7 @@ def test_bad_write_targets_fail_before_any_work(stream, reference, model_dir, do
     ranked = actvpipe.stream(model_dir, docs, context_length=CTX, rank=1, world_size=2)
     with pytest.raises(ValueError, match=r"put \{rank\} in the path"):
         ranked.buffer(1000, write_hdf5=tmp_path / "a.h5")
-    target = ranked.buffer(1000, write_hdf5=tmp_path / "a-{rank}.h5").spec.write_hdf5
+    target = ranked.buffer(1000, write_hdf5=tmp_path / "a-{rank}.h5").options.write_hdf5
     assert target == str(tmp_path / "a-1.h5")
     with pytest.raises(TypeError, match="write_hdf5: this stream already reads HDF5 files"):
         actvpipe.from_hdf5(reference).buffer(1000, write_hdf5=tmp_path / "b.h5")

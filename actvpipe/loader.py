@@ -1,0 +1,206 @@
+"""The loader: the trainer's chain of nodes over the shared buffer, driven by a ``torchdata`` ``Loader``.
+
+    BufferSampler -> [Normalizer] -> [Mapper(DeviceCopy)] -> Loader
+
+``BufferSampler`` draws and gathers batches from the pass ``Passes`` runs (generators and shared
+block); ``Normalizer`` applies the statistics' normalisation; torchdata's ``Mapper`` hands batches
+over to an accelerator. The loader creates everything that opens a process, a file or a stream
+(passes, monitor) when it starts, never when it is described.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from torchdata.nodes import BaseNode, Loader, Mapper
+
+from actvpipe.batches import Batch, Batching
+from actvpipe.device_copy import DeviceCopy
+from actvpipe.loader_state import STATE_VERSION, LoaderState, check_fingerprint
+from actvpipe.local_pass import compute_stats
+from actvpipe.mixing import Mixing
+from actvpipe.monitor import Monitor
+from actvpipe.normalizing import Normalizer
+from actvpipe.outputs import BatchMemory
+from actvpipe.passes import Passes
+from actvpipe.sampling import BufferSampler
+from actvpipe.stats import ActivationStats, Normalization
+from actvpipe.write_through import check_continuation
+
+if TYPE_CHECKING:
+    from actvpipe.stream import BufferedStream
+
+
+class ActivationLoader:
+    """Iterable of batches ``[batch, k, n_layers, d_model]`` (see the module for its nodes).
+
+    ``start()`` launches the generator and returns at once; iterating starts it implicitly; each new
+    iteration after a finished pass starts a new pass. ``close()`` (or leaving a ``with`` block)
+    stops the generator and frees the shared memory. ``state_dict()`` / ``load_state_dict()``
+    checkpoint the loader exactly (see README, "Checkpointing").
+    """
+
+    def __init__(self, buffered: BufferedStream, batching: Batching):
+        self.buffered, self.batching = buffered, batching
+        self.spec, self.options = buffered.spec, buffered.options
+        self.buffer_size, self.batch_size = buffered.size, batching.size
+        self.sources = [self.spec, *buffered.disk]
+        mixing = Mixing(
+            size=buffered.size,
+            min_fill=max(1, round(buffered.warmup * buffered.size), batching.size),
+            n_sources=len(self.sources),
+            fraction=buffered.hdf5_fraction,
+            deterministic=self.spec.deterministic,
+            disk_rows=sum(f.rows for disk in buffered.disk for f in disk.files),
+        )
+        self._mixing = mixing
+        self._passes = Passes(self.sources, self.options, mixing)
+        memory = BatchMemory(batching.size, self.spec.row_shape, self.spec.dtype, batching.pinned)
+        self._sampler = BufferSampler(self._passes, batching, memory, self.spec.seed)
+        root: BaseNode[Batch] = self._sampler
+        self._normalizer = None
+        if buffered.normalize is not None:
+            root = self._normalizer = Normalizer(root, self._normalization_from_stats)
+        if batching.device is not None:
+            root = Mapper(root, DeviceCopy(batching.device))
+        self._root = root
+        self._loader = Loader(root)
+        self._loaded: LoaderState | None = None
+        self._stats: ActivationStats | None = None
+        self._monitor: Monitor | None = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a saved state must match: the sources' identities and the buffer's options."""
+        out = dict(self.sources[0].fingerprint())
+        for k, source in enumerate(self.sources[1:], 1):
+            out.update({f"source{k}.{key}": v for key, v in source.fingerprint().items()})
+        buffered = self.buffered
+        return {
+            **out,
+            "buffer_size": self._mixing.size,
+            "min_fill": self._mixing.min_fill,
+            "hdf5_fraction": self._mixing.fraction,
+            "normalize": buffered.normalize,
+            "stats_rows": buffered.stats_rows if buffered.normalize else None,
+        }
+
+    def start(self) -> ActivationLoader:
+        """Launch the generators (for the loaded state, if any) and return at once; with
+        ``normalize=`` and no saved state, the statistics pass runs first, in this process."""
+        loaded = self._loaded
+        if self._normalizer is not None:
+            self._normalizer.prepare(None if loaded is None else loaded.find(Normalizer.NORMALIZATION_KEY))
+        self._passes.start(None if loaded is None else loaded.sampler_state())
+        return self
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._monitor is None:
+            buffered = self.buffered
+            self._monitor = Monitor(
+                buffered.log_dir,
+                buffered.progress,
+                buffered.refresh_interval,
+                disk_sources=tuple(s.from_disk for s in self.sources),
+                watermarks=None if self.spec.from_disk else self.options.watermarks,
+            )
+        try:
+            batches = iter(self._loader)  # after a load, torchdata draws the first batch here
+        except BaseException:
+            self._sampler.roll_back()
+            raise
+        self._loaded = None
+        return self._handed_over(batches, self._monitor)
+
+    def _handed_over(self, batches: Iterator[Batch], monitor: Monitor) -> Iterator[Batch]:
+        """Each batch the chain returns is committed (its rows leave the buffer) as the last step
+        before it is yielded, after the monitor; anything raised on the way rolls the draw back."""
+        try:
+            while True:
+                start = time.perf_counter()
+                try:
+                    batch = next(batches)
+                    if monitor.active:
+                        monitor.after_batch(self._passes.run, len(batch), time.perf_counter() - start)
+                    self._sampler.commit()
+                except StopIteration:
+                    return
+                except BaseException:
+                    self._sampler.roll_back()
+                    raise
+                yield batch
+        finally:
+            monitor.end_pass()  # stdout is the user's again once iteration ends, however it ends
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain picklable state (a ``LoaderState``): a few integers and 4-9 bytes per buffered row."""
+        return LoaderState(STATE_VERSION, self.fingerprint(), self._loader.state_dict()).to_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state`` at the next iteration (call before iterating).
+
+        Raises ``ValueError`` at once if ``state`` is of another schema version, listing each
+        difference if it was saved by a loader built with other arguments, or if ``write_hdf5``
+        names a file that does not hold the rows served before the save (it would be left with a gap).
+        """
+        loaded = LoaderState.from_dict(state)
+        check_fingerprint(loaded.fingerprint, self.fingerprint())
+        if self.options.write_hdf5 is not None:
+            check_continuation(self.spec, self.options.write_hdf5, int(loaded.buffer.frontiers[0]))
+        self._loader = Loader(self._root)  # torchdata 0.11 ignores a load after an earlier state_dict()
+        self._loader.load_state_dict(loaded.nodes)
+        self._loaded = loaded  # what start() launches the generators for
+
+    def stats(self) -> ActivationStats:
+        """Statistics of the first ``stats_rows`` rows (see ``.buffer``), computed once in this process
+        (without the write-through file, which only the generator writes): tensors, and ``.to_json()``."""
+        if self._stats is None:
+            self._stats = compute_stats(self.spec, self.options.in_process(), self.buffered.stats_rows)
+        return self._stats
+
+    def _normalization_from_stats(self) -> Normalization:
+        return Normalization.from_stats(self.buffered.normalize, self.stats())
+
+    @property
+    def normalization(self) -> Normalization | None:
+        """The ``(x - shift) * scale`` applied to served batches, once started (None: raw rows)."""
+        return None if self._normalizer is None else self._normalizer.normalization
+
+    def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close()
+        self._passes.close()
+
+    def __enter__(self) -> ActivationLoader:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def counters(self) -> dict[str, int]:
+        """Rows ``written`` by the generators, ``published`` (sampleable), ``served``, ``computed`` by the
+        sources, and the current ``fill``, for the current pass (all zero before ``start()``)."""
+        run = self._passes.run
+        if run is None:
+            return dict.fromkeys(("written", "published", "served", "computed", "fill"), 0)
+        header, counts = run.snapshot().header, run.ledger.counts
+        return {
+            "written": sum(header.per_source("written")),
+            "computed": sum(header.per_source("computed")),
+            "published": sum(counts.published),
+            "served": counts.served,
+            "fill": counts.n_full,
+        }
+
+    @property
+    def generator_pid(self) -> int | None:
+        """PID of the current generator process (None before ``start()``)."""
+        run = self._passes.run
+        return run.generators.process.pid if run is not None else None
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the live generator runs its model on a GPU now (``device="auto"`` moves it)."""
+        run = self._passes.run
+        return run is not None and bool(run.snapshot().header.per_source("on_gpu")[0])
