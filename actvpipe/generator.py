@@ -12,6 +12,7 @@ import multiprocessing.forkserver as forkserver
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -112,37 +113,41 @@ def _running(process: psutil.Process) -> bool:
 
 
 def _context() -> mp.context.BaseContext:
-    """Fork generators from a fork server once one runs; spawn them until then.
+    """Fork generators from a fork server once it is ready; spawn them until then.
 
-    The server imports torch, transformers and actvpipe once, so a generator forked from it starts
-    in milliseconds. It is launched on first use without waiting for those imports (they run in the
-    server, in parallel with the first generator, which is spawned), so no ``start()`` waits for
-    them; a later start waits only if the server is still importing.
+    The server imports torch, transformers and actvpipe once (``forkserver_preload``), so a
+    generator forked from it starts in milliseconds. It is launched on first use without waiting
+    for those imports, and a generator is spawned (started at once, importing in parallel) until the
+    server says it is ready, so no ``start()`` waits for the server's imports.
     """
-    if forkserver_running():
-        return mp.get_context("forkserver")
-    forkserver.set_forkserver_preload(["actvpipe.generator"])
+    pid = forkserver_pid()
+    if pid is not None:
+        return mp.get_context("forkserver" if os.path.exists(ready_marker(pid)) else "spawn")
+    forkserver.set_forkserver_preload(["actvpipe.forkserver_preload"])
     forkserver.ensure_running()
     return mp.get_context("spawn")
 
 
-def forkserver_running() -> bool:
-    """Whether this process has started its fork server. The stdlib has no public query, so this
-    reads ``multiprocessing.forkserver``'s private state, here only (a test fails loudly if a Python
-    release removes it)."""
-    return forkserver._forkserver._forkserver_pid is not None
+def ready_marker(server_pid: int) -> str:
+    """The file a fork server creates once its imports are done (see ``forkserver_preload``)."""
+    return os.path.join(tempfile.gettempdir(), f"actvpipe-forkserver-{server_pid}.ready")
+
+
+def forkserver_pid() -> int | None:
+    """The pid of this process's fork server, if it started one. The stdlib has no public query, so
+    this reads ``multiprocessing.forkserver``'s private state, here only (a test fails loudly if a
+    Python release removes it)."""
+    return forkserver._forkserver._forkserver_pid
 
 
 def _quiet_libraries() -> None:
-    """No progress bars from the libraries, and no named semaphore from tqdm: in a process started
+    """No progress bars from ``datasets``, and no named semaphore from tqdm: in a process started
     by spawn or the fork server, tqdm's default lock is a multiprocessing lock, a file in /dev/shm
-    that a killed generator would leave until the trainer exits (``datasets`` takes it on load)."""
+    that a killed generator would leave until the trainer exits (``datasets`` takes it on load).
+    A live source quiets transformers itself (``StreamSpec.setup_process``)."""
     import tqdm
-    import transformers
 
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # read when datasets is imported, if it is
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     tqdm.tqdm.set_lock(threading.RLock())
 
 

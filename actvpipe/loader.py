@@ -11,7 +11,7 @@ over to an accelerator. The loader creates everything that opens a process, a fi
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from torchdata.nodes import BaseNode, Loader, Mapper
@@ -30,7 +30,52 @@ from actvpipe.stats import ActivationStats, Normalization
 from actvpipe.write_through import check_continuation
 
 if TYPE_CHECKING:
+    from actvpipe.pass_run import PassRun
     from actvpipe.stream import BufferedStream
+
+
+class HandOver:
+    """The iterator a loader returns: each batch the chain gives is committed (its rows leave the
+    buffer) as the last step before it is handed over, after the monitor has seen it; anything
+    raised on the way rolls the draw back, and the same iterator can go on (it is no generator,
+    which an exception would end). When the pass ends or the iterator is dropped, the monitor gives
+    stdout back."""
+
+    def __init__(
+        self,
+        batches: Iterator[Batch],
+        sampler: BufferSampler,
+        monitor: Monitor,
+        run: Callable[[], PassRun | None],
+    ):
+        self._batches, self._sampler, self._monitor, self._run = batches, sampler, monitor, run
+        self._open = True
+
+    def __iter__(self) -> HandOver:
+        return self
+
+    def __next__(self) -> Batch:
+        start = time.perf_counter()
+        try:
+            batch = next(self._batches)
+            if self._monitor.active:
+                self._monitor.after_batch(self._run(), len(batch), time.perf_counter() - start)
+            self._sampler.commit()
+        except StopIteration:
+            self.close()
+            raise
+        except BaseException:
+            self._sampler.roll_back()
+            raise
+        return batch
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._monitor.end_pass()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class ActivationLoader:
@@ -111,27 +156,7 @@ class ActivationLoader:
             self._sampler.roll_back()
             raise
         self._loaded = None
-        return self._handed_over(batches, self._monitor)
-
-    def _handed_over(self, batches: Iterator[Batch], monitor: Monitor) -> Iterator[Batch]:
-        """Each batch the chain returns is committed (its rows leave the buffer) as the last step
-        before it is yielded, after the monitor; anything raised on the way rolls the draw back."""
-        try:
-            while True:
-                start = time.perf_counter()
-                try:
-                    batch = next(batches)
-                    if monitor.active:
-                        monitor.after_batch(self._passes.run, len(batch), time.perf_counter() - start)
-                    self._sampler.commit()
-                except StopIteration:
-                    return
-                except BaseException:
-                    self._sampler.roll_back()
-                    raise
-                yield batch
-        finally:
-            monitor.end_pass()  # stdout is the user's again once iteration ends, however it ends
+        return HandOver(batches, self._sampler, self._monitor, lambda: self._passes.run)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain picklable state (a ``LoaderState``): a few integers and 4-9 bytes per buffered row."""

@@ -165,6 +165,14 @@ def _load_config(ref: str) -> PretrainedConfig:
         ) from exc
 
 
+def quiet_transformers() -> None:
+    """No progress bars or warnings from transformers in a process that loads models for us."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def load_tokenizer(ref: Any) -> Any:
     """Load a tokenizer by hub id or directory; a tokenizer object is returned as is."""
     if not isinstance(ref, str):

@@ -29,7 +29,11 @@ from actvpipe.records import FileRange, RowBlock
 
 SHM_DIR = "/dev/shm"
 MAX_SOURCES = 4
-NEXT_BLOCK = ("next_block_seq", "next_block_record", "next_block_offset")
+# Where a source's next block starts, (seq, record, offset): a multi-word value the trainer reads
+# while the source may be writing it. The source writes each new start into the next entry of a
+# small ring and then publishes it with one store of ``next_blocks``, the count of starts written;
+# the trainer reads the count, then the entry, so it never pairs one start's fields with another's.
+NEXT_RING = 4
 _I8 = "<i8"
 # Per source, written by the trainer (``implicit``/``base`` only before the source starts).
 TRAINER_FIELDS = np.dtype([(name, _I8) for name in ("published", "granted", "implicit", "base")])
@@ -37,18 +41,9 @@ TRAINER_FIELDS = np.dtype([(name, _I8) for name in ("published", "granted", "imp
 GENERATOR_FIELDS = np.dtype(
     [
         (name, _I8)
-        for name in (
-            "written",
-            "done",
-            "computed",
-            "claimed",
-            "on_gpu",
-            "failed",
-            "error_len",
-            "op",
-            *NEXT_BLOCK,
-        )
+        for name in ("written", "done", "computed", "claimed", "on_gpu", "failed", "error_len", "op")
     ]
+    + [("next_blocks", _I8), ("next_block_ring", _I8, (NEXT_RING, 3))]
 )
 HEADER = np.dtype(
     [
@@ -211,7 +206,7 @@ class GeneratorView:
     def __init__(self, block: SharedBlock, source: int, pause: float = 0.0):
         self.block, self.source, self.pause = block, source, pause
         self.mine = block.generator[source]
-        self.granted = block.trainer[source]  # the trainer's record for this source: read only here
+        self.theirs = block.trainer[source]  # the trainer's record for this source: read only here
 
     def _set(self, field: str, value: int) -> None:
         self.mine[field] = value
@@ -232,7 +227,7 @@ class GeneratorView:
         with self._op("claiming slots"):
             claimed = int(self.mine["claimed"])
             fence()
-            n = min(n, int(self.granted["granted"]) - claimed)
+            n = min(n, int(self.theirs["granted"]) - claimed)
             fence()
             slots = self.block.free_slots(self.source, claimed, max(n, 0))
             self._paused()
@@ -270,8 +265,10 @@ class GeneratorView:
     def push(self, slots: np.ndarray, next_block: tuple[int, int, int] | None = None) -> None:
         """Append written slots to the source's FIFO; at a block's end, record where the next one starts.
 
-        ``next_block`` is stored after the count, so a reader that sees it unchanged around its read
-        of ``next_block`` never sees a start past rows it has not counted (see ``TrainerView.continuation``).
+        ``next_block`` is published after the count of written rows, so a reader that sees the count
+        unchanged around its read of the start never sees a start past rows it has not counted, and
+        by one store (see ``NEXT_RING``), so it never sees half of one. The test pause stops between
+        each two of these stores.
         """
         with self._op("pushing rows"):
             written = int(self.mine["written"])
@@ -281,8 +278,13 @@ class GeneratorView:
             self._set("written", written + len(slots))
             if next_block is not None:
                 self._paused()
-                for field, value in zip(NEXT_BLOCK, next_block, strict=True):
-                    self._set(field, value)
+                count = int(self.mine["next_blocks"]) + 1
+                ring = self.mine["next_block_ring"]
+                for i, value in enumerate(next_block):
+                    ring[count % NEXT_RING, i] = value
+                    self._paused()
+                fence()
+                self._set("next_blocks", count)
 
     def count_computed(self, rows: int) -> None:
         """Add to the rows the source has produced (filtered-out regenerated rows included)."""
@@ -338,8 +340,9 @@ class TrainerView:
         saved before it writes records)."""
         mine = self.block.trainer[source]
         mine["implicit"], mine["base"], mine["granted"] = granted, base, granted
-        for field, value in zip(NEXT_BLOCK, next_block, strict=True):
-            self.block.generator[source][field] = value  # the source overwrites these as it goes
+        theirs = self.block.generator[source]  # the source writes these once it runs
+        theirs["next_block_ring"][0] = next_block
+        theirs["next_blocks"] = 0
 
     def mirror(self, n_full: int, served: int, published: tuple[int, ...], granted: tuple[int, ...]) -> None:
         """Copy the trainer's counters that other processes read into the header."""
@@ -389,9 +392,12 @@ class TrainerView:
             if written > published:
                 slot = self.block.fifos[source][published % self.size]
                 return tuple(int(self.meta[k][slot]) for k in ("block_seq", "block_record", "block_offset"))
-            start = tuple(int(theirs[f]) for f in NEXT_BLOCK)
+            count = int(theirs["next_blocks"])
             fence()
-            if int(theirs["written"]) == written:
+            start = tuple(int(v) for v in theirs["next_block_ring"][count % NEXT_RING])
+            fence()
+            overwritten = int(theirs["next_blocks"]) - count >= NEXT_RING - 1
+            if int(theirs["written"]) == written and not overwritten:
                 return start
 
     def meta_of(self, slots: np.ndarray) -> dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ from actvpipe.capture import describe_capture
 from actvpipe.documents import DatasetSource
 from actvpipe.fingerprint import files_digest
 from actvpipe.hdf5 import Hdf5File, Hdf5Rows
-from actvpipe.models import ModelSource
+from actvpipe.models import ModelSource, quiet_transformers
 from actvpipe.numerics import reproducible_blas
 from actvpipe.placement import DEFAULT_WATERMARKS
 from actvpipe.text import PACKING_DESCRIPTIONS
@@ -155,7 +155,9 @@ class StreamSpec:
         return None
 
     def setup_process(self) -> None:
-        """Every core for the forward; with ``deterministic``, bitwise reproducible GEMMs."""
+        """Every core for the forward; with ``deterministic``, bitwise reproducible GEMMs; no
+        progress output from transformers."""
+        quiet_transformers()
         torch.set_num_threads(os.cpu_count() or 1)
         if self.deterministic:
             reproducible_blas()

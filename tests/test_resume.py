@@ -7,8 +7,10 @@ import json
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from conftest import assert_exact_batches, assert_exact_rows, reference_pass, re
 from test_lifecycle import shm_entries, wait_gone
 
 import actvpipe
+from actvpipe.generator import PAUSE_VARIABLE
 from actvpipe.loader_state import LoaderState
 
 CTX, GEN_BATCH, BUFFER, BATCH = 32, 4, 600, 100
@@ -350,3 +353,50 @@ def test_restore_reads_the_dataset_once_however_many_blocks_it_repacks(
     assert opened == [int(plan.blocks[0, 1])], "opened once, at the first planned block"
     ids = np.concatenate(regenerated)
     assert np.array_equal(ids[: len(plan.buffered)], plan.buffered), "the saved rows come first"
+
+
+PUSH_PAUSE = 0.04  # seconds the test hook stops the generator after each store of a push
+
+
+def test_a_state_saved_between_any_two_stores_of_a_push_resumes_exactly(
+    model_dir, docs, reference, monkeypatch
+):
+    """The generator publishes where its next block starts (three words) after the count of rows it
+    wrote. The test hook pauses it after each store of a push; the generator is stopped (SIGSTOP)
+    in the j-th pause, the trainer serves a batch (so it publishes every row written) and saves;
+    every such state resumes to exactly the pass. Before, the three words were stored one by one
+    after ``written`` and read without a check of their own: stopped between two of them (a pause
+    added there), the state paired the new block number with the old record and offset."""
+    monkeypatch.setenv(PAUSE_VARIABLE, str(PUSH_PAUSE))
+    states = []
+
+    def make():
+        stream = actvpipe.stream(model_dir, docs, context_length=CTX, generation_batch_size=2)
+        return stream.buffer(3000, warmup=0.0).batch(50, with_tokens=True)
+
+    loader = make()
+    with loader:
+        it = iter(loader)
+        served = [next(it)]
+        run, pid = loader._passes.run, loader.generator_pid
+        deadline = time.monotonic() + 60
+        while loader.counters()["written"] < 400:  # enough rows to serve while the generator is stopped
+            assert time.monotonic() < deadline, "the generator stalled"
+            time.sleep(0.01)
+        for j in range(5):  # after the FIFO entries, after the count, after each word of the start
+            deadline = time.monotonic() + 30
+            while run.buffer.operation(0) != "pushing rows":
+                assert time.monotonic() < deadline, "the generator never pushed"
+                time.sleep(0.001)
+            time.sleep(PUSH_PAUSE * (j + 0.5))
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                served.append(next(it))
+                states.append((list(served), pickle.loads(pickle.dumps(loader.state_dict()))))
+            finally:
+                os.kill(pid, signal.SIGCONT)
+    monkeypatch.setenv(PAUSE_VARIABLE, "0")
+    for before, state in states:
+        with make() as resumed:
+            resumed.load_state_dict(state)
+            assert_is_the_full_pass(before + list(resumed), reference)
