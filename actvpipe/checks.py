@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +26,16 @@ def resolve_device(device: str) -> str:
             f"device: {device!r} requested but CUDA is not available; pass device='cpu' or 'auto'"
         )
     return device
+
+
+def check_deterministic_device(deterministic: bool, device: str) -> None:
+    """``device="auto"`` moves the forward between GPU and CPU on the buffer's fill, which timing
+    decides, and the two give different bits: no bitwise replay with it."""
+    if deterministic and device == "auto":
+        raise ValueError(
+            "device: 'auto' switches between the GPU and the CPU as the buffer fills, so the rows' bits "
+            "depend on timing; with deterministic=True pass device='cuda' (or 'cpu')"
+        )
 
 
 def check_positive_int(name: str, value: Any) -> None:
@@ -89,3 +102,33 @@ def check_layers(layers: Sequence[int] | None, n_layers: int) -> tuple[int, ...]
     if bad or not layers:
         raise ValueError(f"layers: {bad or 'empty'} out of range; the model has layers 0..{n_layers - 1}")
     return tuple(layers)
+
+
+class _DefinedInMain(Exception):
+    pass
+
+
+class _MainFinder(pickle.Pickler):
+    """Pickles as usual, but stops at a class or function defined in ``__main__``."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (type, types.FunctionType)) and getattr(obj, "__module__", None) == "__main__":
+            raise _DefinedInMain(obj)
+        return NotImplemented
+
+
+def pickle_for_generator(obj: Any, what: str) -> bytes:
+    """``obj`` pickled for a generator process, which cannot import the user's script: a class or
+    function defined there (a generator function behind an ``IterableDataset``, a tokenizer
+    subclass) is an error now, naming it and the fix, not a failure inside the generator later."""
+    sink = io.BytesIO()
+    try:
+        _MainFinder(sink, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    except _DefinedInMain as found:
+        name = getattr(found.args[0], "__qualname__", repr(found.args[0]))
+        raise ValueError(
+            f"{what}: uses {name}, defined in the script you run (__main__), which the generator "
+            f"process cannot import; move {name} into a module of its own (say my_data.py beside "
+            "your script) and import it from there"
+        ) from None
+    return sink.getvalue()

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from actvpipe.checks import pickle_for_generator
 from actvpipe.file_readers import (
     first_line_record,
     json_line,
@@ -24,7 +25,7 @@ from actvpipe.file_readers import (
     text_line,
 )
 from actvpipe.fingerprint import documents_digest, files_digest
-from actvpipe.locations import cache_dir
+from actvpipe.locations import cache_dir, partial_path, remove_dead_partials
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet"}
 NATIVE = ("jsonl", "text", "parquet")  # read by ``file_readers``: seekable, each rank reads its share
@@ -112,7 +113,8 @@ def _memory_mapped(source: DatasetSource) -> DatasetSource:
         return source  # memory-mapped already
     target = cache_dir() / "datasets" / str(key)
     if not (target / "dataset_info.json").is_file():
-        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        remove_dead_partials(target.parent)
+        partial = partial_path(target)
         quiet = datasets.utils.are_progress_bars_disabled()
         datasets.utils.disable_progress_bars()  # put back below: the user's setting stays theirs
         try:
@@ -137,11 +139,12 @@ class PickledData:
 
     @classmethod
     def of(cls, data: Any) -> PickledData:
-        payload = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
+        payload = pickle_for_generator(data, "dataset")
         path = cache_dir() / "datasets" / f"{hashlib.blake2b(payload, digest_size=12).hexdigest()}.pkl"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+            remove_dead_partials(path.parent)
+            partial = partial_path(path)
             partial.write_bytes(payload)
             os.replace(partial, path)
         return cls(str(path))

@@ -66,7 +66,7 @@ def generator_main(
     source: RowSource,
     options: GeneratorOptions,
     plan: ResumePlan,
-    block: SharedBlock,
+    shared: SharedBlock,
     parent_pid: int,
     index: int,
     pause: float = 0.0,
@@ -74,12 +74,12 @@ def generator_main(
     """Entry point of a generator process: fills the buffer as its source number ``index``. If the
     trainer dies, the generator removes the shared block's name (the trainer cannot) and exits."""
     trainer = psutil.Process(parent_pid)
-    buffer = GeneratorView(block, index, pause)
+    buffer = GeneratorView(shared, index, pause)
 
     def should_stop() -> bool:
         if not _running(trainer):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(block.path)
+                os.unlink(shared.path)
             return True
         return buffer.stop_requested()
 

@@ -12,6 +12,7 @@ valid whenever the writer dies, with ``complete = False`` and ``row_count`` the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import os
@@ -69,6 +70,7 @@ class Hdf5File:
     path: str
     rows: int
     attrs: dict[str, Any]
+    plugin_filters: tuple[int, ...] = ()  # HDF5 filters of the rows that only a plugin decodes
 
     @property
     def row_shape(self) -> tuple[int, ...]:
@@ -119,6 +121,7 @@ def open_cache_file(path: str) -> Hdf5File:
         with open_h5(path) as f:
             attrs = {k: _plain(v) for k, v in f.attrs.items()}
             shapes = {k: f[k].shape for k in ("activations", *META_DATASETS) if k in f}
+            filters = _filters(f["activations"]) if "activations" in f else ()
     except OSError as exc:
         raise ValueError(
             f"hdf5: {path!r} is not a readable HDF5 file (corrupt or truncated?): {exc}"
@@ -138,12 +141,43 @@ def open_cache_file(path: str) -> Hdf5File:
             f"hdf5: {path!r} is truncated or incomplete: row_count={rows!r} but activations has "
             f"{lengths[0]} rows; write it again"
         )
-    file = Hdf5File(path, rows, attrs)
+    plugins = tuple(sorted({code for code, _ in filters if code >= FIRST_PLUGIN_FILTER}))
+    missing = [f"{name or 'unnamed'} (filter {code})" for code, name in filters if not decodable(code)]
+    if missing:
+        raise ValueError(
+            f"hdf5: {path!r} stores its rows with {', '.join(missing)}, which this HDF5 cannot decode; "
+            "pip install hdf5plugin (actvpipe imports it when a file needs it)"
+        )
+    file = Hdf5File(path, rows, attrs, plugins)
     if shapes["activations"][1:] != file.row_shape:
         raise ValueError(
             f"hdf5: {path!r} has rows {shapes['activations'][1:]}, its attributes say {file.row_shape}"
         )
     return file
+
+
+FIRST_PLUGIN_FILTER = 256  # HDF5's own filters (deflate, shuffle, scale-offset, ...) have lower ids
+
+
+def _filters(dataset: h5py.Dataset) -> list[tuple[int, str]]:
+    """(id, name) of each filter in the dataset's creation property list."""
+    plist = dataset.id.get_create_plist()
+    return [
+        (int(info[0]), info[3].decode(errors="replace").split(";")[0])
+        for info in map(plist.get_filter, range(plist.get_nfilters()))
+    ]
+
+
+def decodable(code: int) -> bool:
+    """Whether this process can decode HDF5 filter ``code``, importing ``hdf5plugin`` (which
+    registers the common plugin filters) when a plugin's is needed and it is installed."""
+    if h5py.h5z.filter_avail(code):
+        return True
+    if code >= FIRST_PLUGIN_FILTER:
+        with contextlib.suppress(ImportError):
+            import hdf5plugin  # noqa: F401
+
+    return bool(h5py.h5z.filter_avail(code))
 
 
 def open_h5(path: str | os.PathLike) -> h5py.File:
@@ -201,18 +235,23 @@ class Hdf5Rows(PlannedNode[RowBlock]):
         self.frontier = frontier
         self.row_bytes = int(np.prod(self.files[0].row_shape)) * storage_dtype(self.files[0].dtype).itemsize
         self.read_rows = max(1, READ_BYTES // self.row_bytes)
-        self._handles: list[h5py.File] = []
-        self._fds: list[int] = []
+        self._open: dict[int, _OpenFile] = {}  # file index -> open file, oldest first
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
         self.close()
-        self._handles = [open_h5(f.path) for f in self.files]
-        self._fds = [os.open(f.path, os.O_RDONLY) for f in self.files]
-        self._chunks = [
-            _chunk_table(h["activations"], f.rows) for h, f in zip(self._handles, self.files, strict=True)
-        ]
         self._ranges = iter(self._plan_ranges())
+
+    def _file(self, i: int) -> _OpenFile:
+        """File ``i``, opened on first use; at most ``MAX_OPEN_FILES`` stay open (a pass reads its
+        files in order), so thousands of files never reach the descriptor limit."""
+        file = self._open.pop(i, None)
+        if file is None:
+            if len(self._open) >= MAX_OPEN_FILES:
+                self._open.pop(next(iter(self._open))).close()
+            file = _OpenFile.of(self.files[i])
+        self._open[i] = file
+        return file
 
     def _plan_ranges(self):
         """(start, stop) global row ranges: runs of buffered rows, then the rest of the pass."""
@@ -237,9 +276,10 @@ class Hdf5Rows(PlannedNode[RowBlock]):
         Into a file, raw chunks go by ``sendfile``: a kernel copy from the page cache, with none of
         the page faults that writing fresh shared memory through a mapping costs."""
         a, b = first + lo, first + hi
-        table = self._chunks[i]
+        file = self._file(i)
+        table = file.chunks
         if table is None:
-            acts = self._handles[i]["activations"]
+            acts = file.h5["activations"]
             out = np.empty((b - a) * self.row_bytes, np.uint8) if isinstance(dest, FileRange) else dest
             acts.read_direct(out.view(acts.dtype).reshape(b - a, *acts.shape[1:]), np.s_[a:b])
             if isinstance(dest, FileRange):
@@ -253,20 +293,18 @@ class Hdf5Rows(PlannedNode[RowBlock]):
             at, nbytes = (row - a) * self.row_bytes, (end - row) * self.row_bytes
             src = int(offsets[c]) + (row - c * chunk_rows) * self.row_bytes
             if isinstance(dest, FileRange):
-                got = _send_all(dest.fd, self._fds[i], src, nbytes, dest.offset + at)
+                got = _send_all(dest.fd, file.fd, src, nbytes, dest.offset + at)
             else:
-                got = os.preadv(self._fds[i], [dest.reshape(-1)[at : at + nbytes]], src)
+                got = os.preadv(file.fd, [dest.reshape(-1)[at : at + nbytes]], src)
             if got != nbytes:
                 raise OSError(f"hdf5: short read from {self.files[i].path!r}; the file changed while reading")
             row = end
 
     def close(self) -> None:
         """Close the files (at the end of the pass, or when the reader is abandoned)."""
-        for handle in self._handles:
-            handle.close()
-        for fd in self._fds:
-            os.close(fd)
-        self._handles, self._fds = [], []
+        for file in self._open.values():
+            file.close()
+        self._open = {}
 
     def next(self) -> RowBlock:
         try:
@@ -276,11 +314,32 @@ class Hdf5Rows(PlannedNode[RowBlock]):
             raise
         i = int(np.searchsorted(self.starts, start, side="right")) - 1
         a, b = start - int(self.starts[i]), stop - int(self.starts[i])
-        f, n = self._handles[i], stop - start
+        f, n = self._file(i).h5, stop - start
         meta = {k: f[k][a:b] for k in META_DATASETS}
         meta["row_id"] = np.arange(start, stop, dtype=np.int64)
         meta.update({k: np.zeros(n, dtype=np.int64) for k in ("block_seq", "block_record", "block_offset")})
         return RowBlock(None, meta, computed=n, read_into=functools.partial(self._read, i, a))
+
+
+MAX_OPEN_FILES = 32
+
+
+@dataclass
+class _OpenFile:
+    """A cache file open for reading: through h5py, and by descriptor for raw chunk reads."""
+
+    h5: h5py.File
+    fd: int
+    chunks: tuple[int, np.ndarray] | None  # see ``_chunk_table``
+
+    @classmethod
+    def of(cls, file: Hdf5File) -> _OpenFile:
+        h5 = open_h5(file.path)
+        return cls(h5, os.open(file.path, os.O_RDONLY), _chunk_table(h5["activations"], file.rows))
+
+    def close(self) -> None:
+        self.h5.close()
+        os.close(self.fd)
 
 
 def _send_all(out_fd: int, in_fd: int, src: int, nbytes: int, dst: int) -> int:
@@ -318,5 +377,8 @@ def _chunk_table(acts: h5py.Dataset, rows: int) -> tuple[int, np.ndarray] | None
         if chunk < len(offsets):
             offsets[chunk] = info.byte_offset
 
-    acts.id.chunk_iter(record)
+    try:
+        acts.id.chunk_iter(record)
+    except (AttributeError, NotImplementedError):  # h5py built on an HDF5 older than 1.12.3
+        return None
     return None if (offsets < 0).any() else (chunk_rows, offsets)

@@ -49,7 +49,7 @@ class HandOver:
         run: Callable[[], PassRun | None],
     ):
         self._batches, self._sampler, self._monitor, self._run = batches, sampler, monitor, run
-        self._open = True
+        self.live = True  # until the pass ends or the iterator is dropped
 
     def __iter__(self) -> HandOver:
         return self
@@ -70,12 +70,17 @@ class HandOver:
         return batch
 
     def close(self) -> None:
-        if self._open:
-            self._open = False
+        if self.live:
+            self.live = False
             self._monitor.end_pass()
 
     def __del__(self) -> None:
         self.close()
+
+
+def _unchanged(batch: Batch) -> Batch:
+    """The hand-over without a device: batches stay in host memory."""
+    return batch
 
 
 class ActivationLoader:
@@ -101,20 +106,23 @@ class ActivationLoader:
             disk_rows=sum(f.rows for disk in buffered.disk for f in disk.files),
         )
         self._mixing = mixing
-        self._passes = Passes(self.sources, self.options, mixing)
+        self._passes = Passes(self.sources, self.options, mixing, buffered.progress_timeout)
         memory = BatchMemory(batching.size, self.spec.row_shape, self.spec.dtype, batching.pinned)
         self._sampler = BufferSampler(self._passes, batching, memory, self.spec.seed)
         root: BaseNode[Batch] = self._sampler
         self._normalizer = None
         if buffered.normalize is not None:
             root = self._normalizer = Normalizer(root, self._normalization_from_stats)
-        if batching.device is not None:
-            root = Mapper(root, DeviceCopy(batching.device))
+        # Always in the chain, so that a state saved with a device restores without one, and back.
+        root = Mapper(root, DeviceCopy(batching.device) if batching.device is not None else _unchanged)
         self._root = root
         self._loader = Loader(root)
         self._loaded: LoaderState | None = None
+        self._iterated = False  # since the last load: before, the state is the loaded (or a fresh) one
+        self._final: dict[str, Any] | None = None  # the state when the loader closed
         self._stats: ActivationStats | None = None
         self._monitor: Monitor | None = None
+        self._handing_over: HandOver | None = None
 
     def fingerprint(self) -> dict[str, Any]:
         """What a saved state must match: the sources' identities and the buffer's options."""
@@ -125,6 +133,8 @@ class ActivationLoader:
         return {
             **out,
             "buffer_size": self._mixing.size,
+            "batch_size": self.batching.size,
+            "drop_last": self.batching.drop_last,
             "min_fill": self._mixing.min_fill,
             "hdf5_fraction": self._mixing.fraction,
             "normalize": buffered.normalize,
@@ -133,7 +143,10 @@ class ActivationLoader:
 
     def start(self) -> ActivationLoader:
         """Launch the generators (for the loaded state, if any) and return at once; with
-        ``normalize=`` and no saved state, the statistics pass runs first, in this process."""
+        ``normalize=`` and no saved state, the statistics pass runs first, in this process. While an
+        iteration is under way its pass is running already: nothing to do."""
+        if self._handing_over is not None and self._handing_over.live and self._passes.run is not None:
+            return self
         loaded = self._loaded
         if self._normalizer is not None:
             self._normalizer.prepare(None if loaded is None else loaded.find(Normalizer.NORMALIZATION_KEY))
@@ -154,12 +167,27 @@ class ActivationLoader:
             batches = iter(self._loader)  # after a load, torchdata draws the first batch here
         except BaseException:
             self._sampler.roll_back()
+            if self._loaded is not None:  # torchdata dropped the loaded state: load it again
+                self._loader = Loader(self._root)
+                self._loader.load_state_dict(self._loaded.nodes)
             raise
-        self._loaded = None
-        return HandOver(batches, self._sampler, self._monitor, lambda: self._passes.run)
+        self._loaded, self._iterated, self._final = None, True, None
+        self._handing_over = HandOver(batches, self._sampler, self._monitor, lambda: self._passes.run)
+        return self._handing_over
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain picklable state (a ``LoaderState``): a few integers and 4-9 bytes per buffered row."""
+        """Plain picklable state (a ``LoaderState``): a few integers and 4-9 bytes per buffered row.
+
+        Works at any moment and starts nothing: before the first batch it is the loaded state (or
+        the start of a pass: ``nodes`` None), after ``close()`` the state the loader closed in."""
+        if self._final is not None:
+            return self._final
+        if not self._iterated:
+            return (
+                self._loaded.to_dict()
+                if self._loaded
+                else LoaderState(STATE_VERSION, self.fingerprint()).to_dict()
+            )
         return LoaderState(STATE_VERSION, self.fingerprint(), self._loader.state_dict()).to_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -171,11 +199,14 @@ class ActivationLoader:
         """
         loaded = LoaderState.from_dict(state)
         check_fingerprint(loaded.fingerprint, self.fingerprint())
-        if self.options.write_hdf5 is not None:
+        if self.options.write_hdf5 is not None and loaded.nodes is not None:
             check_continuation(self.spec, self.options.write_hdf5, int(loaded.buffer.frontiers[0]))
         self._loader = Loader(self._root)  # torchdata 0.11 ignores a load after an earlier state_dict()
-        self._loader.load_state_dict(loaded.nodes)
-        self._loaded = loaded  # what start() launches the generators for
+        if loaded.nodes is not None:
+            self._loader.load_state_dict(loaded.nodes)
+        # What start() launches the generators for, and what state_dict() says until iterated.
+        self._loaded = None if loaded.nodes is None else loaded
+        self._iterated, self._final = False, None
 
     def stats(self) -> ActivationStats:
         """Statistics of the first ``stats_rows`` rows (see ``.buffer``), computed once in this process
@@ -193,9 +224,15 @@ class ActivationLoader:
         return None if self._normalizer is None else self._normalizer.normalization
 
     def close(self) -> None:
-        if self._monitor is not None:
-            self._monitor.close()
-        self._passes.close()
+        """Stop the generators and free the shared memory, keeping the state for ``state_dict()``
+        (recording it reads the buffered rows' ids: O(buffered rows))."""
+        try:
+            if self._iterated and self._final is None and self._passes.run is not None:
+                self._final = self.state_dict()
+        finally:
+            if self._monitor is not None:
+                self._monitor.close()
+            self._passes.close()
 
     def __enter__(self) -> ActivationLoader:
         return self.start()

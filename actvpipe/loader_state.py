@@ -10,6 +10,7 @@ resumes.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -39,6 +40,7 @@ class BufferState:
     buffered: torch.Tensor  # row id - buffered_base, int32 when that fits
     buffered_source: torch.Tensor  # uint8 source index per buffered row
     blocks: list[torch.Tensor]  # per source [m, 3]: block seq, record, offset (ascending)
+    buffered_tokens: str  # ``tokens_digest`` of the buffered rows' token ids, in buffer order
 
     @classmethod
     def capture(
@@ -70,6 +72,7 @@ class BufferState:
             buffered=torch.from_numpy((ids - base).astype(np.int32 if small else np.int64)),
             buffered_source=torch.from_numpy(sources.astype(np.uint8)),
             blocks=blocks,
+            buffered_tokens=tokens_digest(buffered_meta["token_ids"]),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,13 +95,21 @@ class BufferState:
         return plans, ids * n + sources
 
 
+def tokens_digest(token_ids: np.ndarray) -> str:
+    """A hash of rows' token ids in order: a restore checks that the rows it regenerated hold the
+    same tokens, not only the same positions (data changed where its fingerprint does not look)."""
+    return hashlib.blake2b(
+        np.ascontiguousarray(token_ids, dtype=np.int64).tobytes(), digest_size=8
+    ).hexdigest()
+
+
 @dataclass(frozen=True)
 class LoaderState:
     """A whole loader's state (see the module)."""
 
     version: int
     fingerprint: dict[str, Any]
-    nodes: dict[str, Any]
+    nodes: dict[str, Any] | None = None  # None: the start of a pass, nothing served
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "fingerprint": self.fingerprint, "nodes": self.nodes}
@@ -115,14 +126,17 @@ class LoaderState:
                 f"version {STATE_VERSION}; restore it with the actvpipe release that saved it, or "
                 "start the pass afresh"
             )
-        return cls(state["version"], state["fingerprint"], state["nodes"])
+        return cls(state["version"], state["fingerprint"], state.get("nodes"))
 
     def find(self, key: str) -> dict[str, Any]:
         """The state of the node in the chain whose state holds ``key`` (the dict its ``reset``
         receives), found by following each node's nesting of its child's state."""
         state = self.nodes[LoaderIterator.ROOT_KEY]
         while key not in state:
-            state = next(state[nesting] for nesting in NESTING_KEYS if nesting in state)
+            inner = [state[nesting] for nesting in NESTING_KEYS if nesting in state]
+            if not inner:
+                raise ValueError(f"load_state_dict: the state holds no {key!r} part; it is damaged")
+            state = inner[0]
         return state
 
     def sampler_state(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from actvpipe.capture import ActivationCapture
+from actvpipe.checks import pickle_for_generator
 from actvpipe.fingerprint import model_files_digest, parameters_digest
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ class ModelSource:
     tokenizer: Any  # hub id or directory (loaded in the generator), or a tokenizer object
     config_hash: str = ""
     content: dict[str, str] | str = ""  # see ``fingerprint``: weight files, or the parameters' hash
+    tokenizer_content: str = ""  # see ``tokenizer_digest``
 
     @property
     def name(self) -> str:
@@ -69,9 +71,14 @@ def resolve_model(model: Any, tokenizer: Any = None) -> tuple[ModelSource, Pretr
         )
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = os.fspath(tokenizer)
-        load_tokenizer(tokenizer)
+    else:
+        pickle_for_generator(tokenizer, "tokenizer")
+    vocabulary = tokenizer_digest(load_tokenizer(tokenizer))
+    if not isinstance(ref, str):
+        pickle_for_generator(type(ref), "model")
     config_hash = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
-    return ModelSource(ref, tokenizer, config_hash, _content(ref, config_hash)), config
+    content = _content(ref, config_hash, getattr(config, "_commit_hash", None))
+    return ModelSource(ref, tokenizer, config_hash, content, vocabulary), config
 
 
 def resolve_models(model: Any, tokenizer: Any = None) -> tuple[ModelSource | tuple[ModelSource, ...], list]:
@@ -134,14 +141,23 @@ def common_dims(
     return min(n for n, _, _ in dims), dims[0][1], min(lengths) if lengths else None
 
 
-def _content(ref: str | PreTrainedModel, config_hash: str) -> dict[str, str] | str:
+def _content(ref: str | PreTrainedModel, config_hash: str, revision: str | None) -> dict[str, str] | str:
     """What identifies the weights: a directory's config and weight files, a loaded model's
-    parameters, a hub model's config (its files are only known once downloaded)."""
+    parameters, a hub model's config and the hub revision (commit) it resolved to."""
     if not isinstance(ref, str):  # a loaded model
         return parameters_digest(ref)
     if Path(ref).expanduser().is_dir():
         return model_files_digest(Path(ref).expanduser())
-    return config_hash
+    return config_hash if revision is None else f"{config_hash}@{revision}"
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """A hash of what the tokenizer maps text to: its vocabulary and its special tokens' ids."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(repr(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(repr(_special_tokens(tokenizer)).encode())
+    digest.update(type(tokenizer).__name__.encode())
+    return digest.hexdigest()
 
 
 def _load_config(ref: str) -> PretrainedConfig:

@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from actvpipe.status_line import StatusLine
+from actvpipe.status_line import StatusLine, is_terminal
 
 TAGS = (
     "buffer/fill_fraction",
@@ -72,6 +72,7 @@ def scalars(before: Snapshot, now: Snapshot) -> dict[str, float]:
     }
 
 
+PLAIN_INTERVAL = 30.0  # seconds between dashboard lines written to a stream that is no terminal
 FULL = 0.99  # the fill at which a generator with nothing to write is waiting for room
 
 
@@ -127,6 +128,7 @@ class Monitor:
         self.show = sys.stderr.isatty() if progress is None else progress
         self.refresh_interval = refresh_interval
         self._writer = self._line = None
+        self._plain_at = float("-inf")
         self._run = self._last = None
         self._served = self._batches = 0
         self._waited = 0.0
@@ -163,9 +165,14 @@ class Monitor:
             for tag, value in values.items():
                 self._writer.add_scalar(tag, value, now.batches, walltime=time.time())
         if self.show:
-            if self._line is None:
-                self._line = StatusLine().open()
-            self._line.update(dashboard_line(self._last, now))
+            text = dashboard_line(self._last, now)
+            if self._line is not None or is_terminal(sys.stderr):
+                if self._line is None:
+                    self._line = StatusLine().open()
+                self._line.update(text)
+            elif now.time - self._plain_at >= PLAIN_INTERVAL:  # a log file: plain lines, now and then
+                print(text, file=sys.stderr, flush=True)
+                self._plain_at = now.time
         self._last = now
 
     def _snapshot(self, run: Any) -> Snapshot:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 
+# torch has no public query for how many tensors share a storage; its private one is read here only.
+# A torch without it: the pool allocates every batch (safe, slower), and tests/test_structure.py
+# fails loudly so that the loss is noticed.
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
 
 def storage_users(tensor: torch.Tensor) -> int:
-    """How many tensors share ``tensor``'s memory (views, batches a user kept, arrays over them).
-
-    torch has no public query for this; ``torch._C._storage_Use_Count`` is read here only, and
-    ``tests/test_pure.py`` fails loudly if a torch release removes it (the pool would then have to
-    allocate every batch)."""
-    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+    """How many tensors share ``tensor``'s memory (views, batches a user kept, arrays over them)."""
+    return _use_count(tensor.untyped_storage()._cdata)
 
 
 class OutputPool:
@@ -26,6 +27,8 @@ class OutputPool:
         self._tensors: list[tuple[torch.Tensor, int]] = []  # (tensor, its users when only the pool holds it)
 
     def take(self, n: int) -> torch.Tensor:
+        if _use_count is None:
+            return torch.empty((n, *self.shape[1:]), dtype=self.dtype, device=self.device)
         for tensor, alone in self._tensors:
             if storage_users(tensor) == alone:
                 return tensor[:n]

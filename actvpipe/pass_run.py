@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from actvpipe.generator import MAX_WAIT, GeneratorRun
+from actvpipe.generator import MAX_WAIT, GeneratorError, GeneratorRun
 from actvpipe.ledger import Ledger
+from actvpipe.loader_state import tokens_digest
 from actvpipe.mixing import Mixing, Observed
 from actvpipe.resume import ResumePlan, order_slots
-from actvpipe.shm import HeaderSnapshot, SharedBlock, TrainerView
+from actvpipe.shm import OPS, HeaderSnapshot, SharedBlock, TrainerView
 from actvpipe.spec import GeneratorOptions, RowSource
 
 
@@ -35,18 +36,23 @@ class PassRun:
         published: Sequence[int],
         batches: int = 0,
         saved_order: np.ndarray | None = None,
+        saved_tokens: str | None = None,
+        *,
+        progress_timeout: float,
     ):
-        self.mixing = mixing
-        self.n_sources = len(sources)
+        """``progress_timeout``: seconds a wait for rows may pass without any source producing one
+        before it raises ``GeneratorError`` (a generator alive but stuck)."""
+        self.mixing, self.progress_timeout, self.saved_tokens = mixing, progress_timeout, saved_tokens
+        self.sources, self.n_sources = list(sources), len(sources)
         dtype, row_shape = sources[0].dtype, sources[0].row_shape
-        block = SharedBlock.create(mixing.size, row_shape, dtype, len(sources))
-        self.buffer = TrainerView(block)
         self._restore_counts = [len(plan.buffered) for plan in plans]
         # While restoring, each source gets exactly its saved rows' slots, so none can take another's.
         caps = self._restore_counts if saved_order is not None else mixing.initial_caps(tuple(published))
         # Where each source starts, for a state saved before it writes.
         starts = [tuple(int(v) for v in plan.blocks[-1]) for plan in plans]
+        block = SharedBlock.create(mixing.size, row_shape, dtype, len(sources))
         try:
+            self.buffer = TrainerView(block)
             self.ledger = Ledger(
                 self.buffer, list(caps), list(frontiers), list(published), batches, saved_order, starts
             )
@@ -63,11 +69,38 @@ class PassRun:
         self.generators.close()
 
     def wait(self, ready: Callable[[], bool]) -> None:
-        backoff = 1e-4
+        """Poll ``ready`` until it holds, checking the generators between two sleeps: a failure, a
+        death, or no row from any of them for ``progress_timeout`` seconds raises."""
+        backoff, seen = 1e-4, self._progress()
+        quiet_since = time.monotonic()
         while not ready():
             self.check_alive()
+            now = self._progress()
+            if now != seen:
+                seen, quiet_since = now, time.monotonic()
+            elif time.monotonic() - quiet_since > self.progress_timeout:
+                raise GeneratorError(self._stuck_message())
             time.sleep(backoff)
             backoff = min(backoff * 2, MAX_WAIT)
+
+    def _progress(self) -> tuple[int, ...]:
+        """Rows each source wrote and computed: any change is progress."""
+        header = self.buffer.block.snapshot()
+        return (*header.per_source("written"), *header.per_source("computed"))
+
+    def _stuck_message(self) -> str:
+        doing = "; ".join(
+            f"source {k} ({'HDF5 files' if self.sources[k].from_disk else 'the model over its data'}) was "
+            + self.buffer.operation(k)
+            + (" (reading its data or running the model)" if self.buffer.operation(k) == OPS[0] else "")
+            for k in range(self.n_sources)
+            if not self.buffer.done(k)
+        )
+        return (
+            f"the actvpipe generator made no progress for {self.progress_timeout:g} s: {doing}. A "
+            "dataset whose reads hang or a model that never returns does this; if a block really "
+            "takes longer (a huge model on the CPU), pass a larger .buffer(progress_timeout=...)"
+        )
 
     def finish_restore(self) -> None:
         """Place the regenerated buffered rows (each source writes them first) in the saved order."""
@@ -79,9 +112,15 @@ class PassRun:
 
         def place(slots: np.ndarray) -> np.ndarray:
             meta = self.buffer.meta_of(slots)
-            return order_slots(
-                slots, meta["row_id"] * self.n_sources + meta["source"], ledger.counts.saved_order
-            )
+            keys = meta["row_id"] * self.n_sources + meta["source"]
+            ordered = order_slots(slots, keys, ledger.counts.saved_order)
+            if tokens_digest(self.buffer.meta_of(ordered)["token_ids"]) != self.saved_tokens:
+                raise RuntimeError(
+                    "load_state_dict: the regenerated rows hold other tokens than the saved ones at the "
+                    "same positions; the data changed since the state was saved (where its fingerprint, "
+                    "a file's size, modification time and first and last MiB, does not look)"
+                )
+            return ordered
 
         ledger.publish_restored(self._restore_counts, place)
         ledger.caps = list(self.mixing.initial_caps(ledger.counts.pass_published))

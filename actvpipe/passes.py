@@ -16,10 +16,14 @@ from actvpipe.spec import GeneratorOptions, RowSource
 class Passes:
     """Starts each pass's ``PassRun``; at most one runs at a time."""
 
-    def __init__(self, sources: Sequence[RowSource], options: GeneratorOptions, mixing: Mixing):
+    def __init__(
+        self, sources: Sequence[RowSource], options: GeneratorOptions, mixing: Mixing, progress_timeout: float
+    ):
         self.sources, self.options, self.mixing = list(sources), options, mixing
+        self.progress_timeout = progress_timeout
         self.run: PassRun | None = None
         self.started_for: dict[str, Any] | None = None  # the saved sampler state the run restores
+        self.pass_number = 0  # of the run: counted when a fresh pass starts, else the saved one's
 
     def start(self, saved: dict[str, Any] | None = None) -> PassRun:
         """The run for a new pass (``saved`` None) or for the rest of the saved one. A run started for
@@ -30,14 +34,19 @@ class Passes:
         self.close()
         n = len(self.sources)
         if saved is None:
+            self.pass_number += 1
             plans = [ResumePlan.fresh() for _ in self.sources]
-            self.run = PassRun(self.sources, self.options, self.mixing, plans, [0] * n, [0] * n)
+            self.run = PassRun(
+                self.sources, self.options, self.mixing, plans, [0] * n, [0] * n,
+                progress_timeout=self.progress_timeout,
+            )  # fmt: skip
         else:
             state = BufferState.from_dict(saved)
+            self.pass_number = state.pass_number
             plans, order = state.plans()
             self.run = PassRun(
                 self.sources, self.options, self.mixing, plans, state.frontiers, state.published,
-                state.batches, order,
+                state.batches, order, state.buffered_tokens, progress_timeout=self.progress_timeout,
             )  # fmt: skip
         self.started_for = saved
         return self.run

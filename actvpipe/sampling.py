@@ -8,7 +8,7 @@ import numpy as np
 from torchdata.nodes import BaseNode
 
 from actvpipe.batches import Batch, Batching, TokenBatch
-from actvpipe.ledger import Draw
+from actvpipe.ledger import Counts, Draw
 from actvpipe.loader_state import BufferState
 from actvpipe.outputs import BatchMemory
 from actvpipe.pass_run import PassRun
@@ -28,23 +28,22 @@ class BufferSampler(BaseNode[Batch]):
     def __init__(self, passes: Passes, batching: Batching, memory: BatchMemory, seed: int):
         super().__init__()
         self.passes, self.batching, self.memory, self.seed = passes, batching, memory, seed
-        self.run: PassRun | None = None
         self._rng = np.random.default_rng()
-        self._pass = 0
-        self._pending: Draw | None = None
+        self._pending: tuple[Draw, Counts] | None = None  # a drawn batch, and the ledger before it
+
+    @property
+    def run(self) -> PassRun:
+        return self.passes.run
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
         self._pending = None
-        if initial_state is None:
-            self._pass += 1
-            self._rng = np.random.default_rng([self.seed, self._pass])
+        self.passes.start(initial_state)
+        if initial_state is None:  # a pass's RNG depends on its number alone
+            self._rng = np.random.default_rng([self.seed, self.passes.pass_number])
         else:
-            saved = BufferState.from_dict(initial_state)
             self._rng = np.random.default_rng()
-            self._rng.bit_generator.state = saved.rng
-            self._pass = saved.pass_number
-        self.run = self.passes.start(initial_state)
+            self._rng.bit_generator.state = BufferState.from_dict(initial_state).rng
 
     def _ready(self) -> bool:
         ready, finished = self.run.top_up()
@@ -71,7 +70,7 @@ class BufferSampler(BaseNode[Batch]):
         except BaseException:
             self._rng.bit_generator.state = rng_state
             raise
-        self._pending = draw
+        self._pending = draw, run.ledger.counts
         return batch
 
     def _gather(self, slots: np.ndarray) -> Batch:
@@ -84,14 +83,17 @@ class BufferSampler(BaseNode[Batch]):
     def commit(self) -> None:
         """The batch last drawn reached the training loop: its rows leave the buffer."""
         if self._pending is not None:
-            self.run.ledger.remove(self._pending)  # the ledger's own commit: all or nothing
+            self.run.ledger.remove(self._pending[0])  # the ledger's own commit: all or nothing
             self._pending = None
 
     def roll_back(self) -> None:
-        """The batch last drawn never reached the training loop: its rows stay, the RNG goes back."""
+        """The batch last drawn never reached the training loop: its rows stay, the RNG goes back
+        (unless the commit had already happened when the interruption came)."""
         if self._pending is not None:
-            self._rng.bit_generator.state = self._pending.rng_state
+            draw, before = self._pending
             self._pending = None
+            if self.run is not None and self.run.ledger.counts is before:
+                self._rng.bit_generator.state = draw.rng_state
 
     def get_state(self) -> dict[str, Any]:
         self.commit()
@@ -100,7 +102,7 @@ class BufferSampler(BaseNode[Batch]):
             return self.passes.started_for
         return BufferState.capture(
             rng=self._rng.bit_generator.state,
-            pass_number=self._pass,
+            pass_number=self.passes.pass_number,
             batches=counts.batches,
             published=list(counts.pass_published),
             frontiers=list(counts.frontiers),

@@ -10,6 +10,7 @@ never change a row, so a state saved under some options restores under others. B
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol
@@ -19,7 +20,7 @@ import torch
 from actvpipe.capture import describe_capture
 from actvpipe.documents import DatasetSource
 from actvpipe.fingerprint import files_digest
-from actvpipe.hdf5 import Hdf5File, Hdf5Rows
+from actvpipe.hdf5 import Hdf5File, Hdf5Rows, decodable
 from actvpipe.models import ModelSource, quiet_transformers
 from actvpipe.numerics import reproducible_blas
 from actvpipe.placement import DEFAULT_WATERMARKS
@@ -48,7 +49,7 @@ class GeneratorOptions:
 
     def in_process(self) -> GeneratorOptions:
         """The options of a pass run in the training process: same device, no write-through."""
-        return GeneratorOptions(self.device, self.watermarks)
+        return dataclasses.replace(self, write_hdf5=None)
 
 
 class RowSource(Protocol):
@@ -184,7 +185,11 @@ class StreamSpec:
         """The options a saved state must match to be restored, and the content of the model and the
         data (a state restored onto changed data or weights would regenerate other rows)."""
         models = [s.content for s in self.sources] if self.diffing else self.model.content
-        content = {"model_content": models, "dataset_content": self.dataset.content}
+        content = {
+            "model_content": models,
+            "tokenizer_content": self.sources[0].tokenizer_content,
+            "dataset_content": self.dataset.content,
+        }
         return {**self.options("restore"), **content}
 
     def file_attrs(self) -> dict[str, object]:
@@ -250,7 +255,9 @@ class Hdf5Spec:
         )
 
     def setup_process(self) -> None:
-        return None
+        """Register the plugin filters the files need (``hdf5plugin``) in the generator too."""
+        for code in {code for f in self.files for code in f.plugin_filters}:
+            decodable(code)
 
     def rows_graph(
         self, plan: ResumePlan, options: GeneratorOptions, fill=None, report=None

@@ -11,6 +11,7 @@ import torch
 
 NORMALIZATIONS = ("sqrt_d", "standardize")
 STATS_ROWS = 100_000  # rows statistics are computed over, unless told otherwise
+PIECE_BYTES = 64 << 20  # the largest float64 temporary of a statistics update
 
 
 class Welford:
@@ -26,9 +27,14 @@ class Welford:
         self.norm_sum: torch.Tensor | None = None
 
     def update(self, rows: torch.Tensor) -> None:
-        """Add rows ``[n, k, n_layers, d_model]``."""
-        if len(rows) == 0:
-            return
+        """Add rows ``[n, k, n_layers, d_model]``, in pieces of at most ``PIECE_BYTES`` in float64: a
+        whole block of GPT-2-small rows would otherwise take several GB per temporary."""
+        per_row = max(1, rows[0].numel() * 8) if len(rows) else 1
+        step = max(1, PIECE_BYTES // per_row)
+        for lo in range(0, len(rows), step):
+            self._update(rows[lo : lo + step])
+
+    def _update(self, rows: torch.Tensor) -> None:
         rows = rows.to(torch.float64)
         n = len(rows)
         mean = rows.mean(0)

@@ -63,7 +63,7 @@ class StatusLine:
         with self._lock:
             if not text:
                 return 0
-            if not _is_terminal(stream):
+            if not is_terminal(stream):
                 return stream.write(text)
             self._erase()
             written = stream.write(text)
@@ -104,7 +104,7 @@ class _Proxy:
         return getattr(self.stream, name)
 
 
-def _is_terminal(stream: TextIO) -> bool:
+def is_terminal(stream: TextIO) -> bool:
     try:
         return stream.isatty()
     except (AttributeError, ValueError):

@@ -19,6 +19,7 @@ import torch
 from actvpipe.batches import Batching
 from actvpipe.capture import DEFAULT_CAPTURE, check_capture, describe_capture
 from actvpipe.checks import (
+    check_deterministic_device,
     check_layers,
     check_positive_int,
     check_shared_memory,
@@ -86,6 +87,7 @@ def stream(
         if not isinstance(value, torch.dtype) or not value.is_floating_point:
             raise TypeError(f"{name}: expected a floating torch.dtype such as torch.float32, got {value!r}")
     device = resolve_device(device)
+    check_deterministic_device(deterministic, device)
     watermarks = check_watermarks(watermarks)
     capture = check_capture(capture)
     source, configs = resolve_models(model, tokenizer)
@@ -189,6 +191,7 @@ class ActivationStream:
         normalize: str | None = None,
         stats_rows: int = STATS_ROWS,
         write_hdf5: str | os.PathLike | None = None,
+        progress_timeout: float = 600.0,
     ) -> BufferedStream:
         """A shuffle buffer of ``size`` rows; batches are served while it holds ``warmup * size`` rows.
 
@@ -202,6 +205,8 @@ class ActivationStream:
         ``write_hdf5`` also writes every live row the pass generates to that file, in generation
         order, as ``to_hdf5`` would: the first run streams and caches, later runs read the cache
         (README, "Write-through cache"). Only the generator process writes it.
+        ``progress_timeout``: a wait for rows during which no generator produces one for this many
+        seconds raises ``GeneratorError`` naming what each was doing (a hung read, a stuck model).
         """
         check_positive_int("size", size)
         check_shared_memory(size, self.spec.row_shape, self.spec.dtype, 1 + (hdf5 is not None))
@@ -216,6 +221,10 @@ class ActivationStream:
         if normalize is not None and normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize: expected one of {NORMALIZATIONS} or None, got {normalize!r}")
         check_positive_int("stats_rows", stats_rows)
+        if isinstance(progress_timeout, bool) or not (
+            isinstance(progress_timeout, int | float) and progress_timeout > 0
+        ):
+            raise ValueError(f"progress_timeout: expected seconds > 0, got {progress_timeout!r}")
         disk = () if hdf5 is None else (self._disk_source(hdf5, hdf5_fraction),)
         options = self.options
         if write_hdf5 is not None:
@@ -232,6 +241,7 @@ class ActivationStream:
             refresh_interval,
             normalize,
             stats_rows,
+            float(progress_timeout),
         )
 
     def stats(self, rows: int = STATS_ROWS) -> ActivationStats:
@@ -278,6 +288,7 @@ class BufferedStream:
     refresh_interval: float
     normalize: str | None
     stats_rows: int
+    progress_timeout: float
 
     @property
     def spec(self) -> RowSource:

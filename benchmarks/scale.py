@@ -104,9 +104,10 @@ def state_at(data, fraction: float, n_docs: int) -> dict:
     documents = DocumentBlocks(spec.dataset)
     packer = PackedContexts(documents, load_tokenizer(spec.model.tokenizer), CONTEXT, GEN_BATCH)
     packer.reset(None)
-    blocks = []
+    blocks, tokens = [], []
     for block in packer:
         blocks.append((block.first_seq, *block.start))
+        tokens.append(block.tokens[:, 1:].reshape(-1))  # the rows' tokens: positions 1.. of each context
         if documents.documents_read >= fraction * n_docs:
             break
     per_context = CONTEXT - 1
@@ -115,6 +116,7 @@ def state_at(data, fraction: float, n_docs: int) -> dict:
     meta = {
         "row_id": ids,
         "source": np.zeros(len(ids), dtype=np.int64),
+        "token_ids": np.concatenate(tokens[-9:-1]),
         **{
             key: np.repeat([b[i] for b in held], GEN_BATCH * per_context)
             for i, key in enumerate(("block_seq", "block_record", "block_offset"))

@@ -127,3 +127,14 @@ def assert_exact_batches(batches, reference, context_length: int, **tolerance) -
     """``assert_exact_rows`` over ``TokenBatch`` records."""
     seq, pos, acts = (torch.cat([getattr(b, f) for b in batches]) for f in ("seq", "pos", "acts"))
     assert_exact_rows(seq, pos, acts, reference, context_length, **tolerance)
+
+
+def read_line(stream, timeout: float = 120.0) -> str:
+    """The next line a child process writes, failing the test (never hanging it) if none comes
+    within ``timeout`` seconds."""
+    import select
+
+    ready, _, _ = select.select([stream], [], [], timeout)
+    if not ready:
+        pytest.fail(f"no line from the child process within {timeout:g} s")
+    return stream.readline()

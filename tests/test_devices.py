@@ -15,6 +15,7 @@ from conftest import assert_exact_batches, reference_pass, resumed_run
 from torch import nn
 
 import actvpipe
+from actvpipe.device_copy import DeviceCopy
 from actvpipe.placement import Placement, check_watermarks, next_on_gpu, replay
 
 CTX = 32
@@ -85,8 +86,9 @@ def test_model_dtype_apart_from_buffer_dtype(model_dir, texts, model_dtype, dtyp
         actvpipe.stream(model_dir, docs, model_dtype=torch.int8)
 
 
-def test_gpu_script_runs_its_checks_here_in_smoke_mode():
-    """benchmarks/gpu.py's checks and table on this machine's CPU, so the GPU script cannot rot."""
+def test_gpu_script_runs_end_to_end_in_cpu_smoke_mode():
+    """benchmarks/gpu.py runs to its table on this machine's CPU, so the GPU script cannot rot. Its
+    comparisons are CPU rows against CPU rows here: this checks the script, not CUDA."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(
@@ -102,16 +104,25 @@ def test_gpu_script_runs_its_checks_here_in_smoke_mode():
     assert re.search(r"captured tokens/s / bare bf16 forward tokens/s +[\d,]+ +[\d,]+ +\d\.\d{3}", out.stdout)
 
 
-def test_batches_handed_over_on_a_device_are_exact_across_a_resume(model_dir, texts):
+def test_batches_handed_over_on_a_device_are_exact_across_a_resume(model_dir, texts, monkeypatch):
     """``.batch(device=...)`` gathers, copies on a side stream and makes the consumer's stream wait
-    on it; torch's CPU streams run those same steps here (gpu.sh runs them on CUDA). The pass served
-    is exact across a checkpoint, provenance included."""
+    on it; torch's CPU streams run those same steps here (gpu.sh runs them on CUDA). Every field of
+    every batch, before and after the checkpoint, goes through the hand-over (its side stream and
+    the consumer stream's wait are counted), and the pass served is exact, provenance included.
+    (Before, the test could not tell whether the hand-over ran at all.)"""
+    copied, waits = [], []
+    real_copy, real_wait = DeviceCopy.to_device, torch.cpu.Stream.wait_stream
+    monkeypatch.setattr(DeviceCopy, "to_device", lambda self, t: copied.append(t.shape) or real_copy(self, t))
+    monkeypatch.setattr(
+        torch.cpu.Stream, "wait_stream", lambda self, s: waits.append(s) or real_wait(self, s)
+    )
 
     def loader():
         stream = actvpipe.stream(model_dir, texts[:10], context_length=CTX, generation_batch_size=4)
         return stream.buffer(2000).batch(100, with_tokens=True, device="cpu")
 
     batches, _ = resumed_run(loader, 3)
+    assert len(copied) == len(waits) == 5 * len(batches), "acts, token_ids, seq, pos, source"
     assert all(b.acts.device.type == "cpu" == b.seq.device.type for b in batches)
     assert_exact_batches(batches, reference_pass(model_dir, texts[:10], CTX), CTX)
 

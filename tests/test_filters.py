@@ -60,17 +60,24 @@ def test_truncate_packing_is_one_document_per_context(model_dir, texts):
 
 
 def test_pretokenized_dataset_skips_tokenization(model_dir, texts):
-    docs = texts[:3]
+    """Random token ids are no tokenizer's output: decoding and tokenizing them again gives other
+    ids. The rows served hold exactly the given ids, packed as text would be, and the model's
+    activations over them. (Before, the test fed the tokenizer's own ids, which a pipeline that
+    decoded and re-tokenized would also have served.)"""
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
+    rng = torch.Generator().manual_seed(0)
+    ids = [torch.randint(3, len(tok), (90,), generator=rng).tolist() for _ in range(3)]
+    assert all(tok(tok.decode(d), add_special_tokens=False)["input_ids"] != d for d in ids)
     tokens = actvpipe.stream(model_dir, datasets.Dataset.from_dict({"tokens": ids}), context_length=CTX)
     assert tokens.spec.dataset.text_column == "tokens"
     stream = actvpipe.stream(model_dir, datasets.Dataset.from_dict({"input_ids": ids}), context_length=CTX)
     assert stream.spec.dataset.text_column == "input_ids"
-    pretokenized = served(stream)
-    plain = served(actvpipe.stream(model_dir, docs, context_length=CTX))
-    assert torch.equal(pretokenized.token_ids, plain.token_ids)
-    assert torch.equal(pretokenized.acts, plain.acts)
+    got = served(stream)
+    packed = torch.tensor([t for d in ids for t in (*d, tok.eos_token_id)])
+    n = len(packed) // (CTX - 1)
+    assert torch.equal(got.token_ids, packed[: n * (CTX - 1)])
+    contexts = torch.cat([torch.full((n, 1), tok.bos_token_id), packed[: n * (CTX - 1)].view(n, CTX - 1)], 1)
+    torch.testing.assert_close(got.acts, reference_rows(model_dir, contexts)[:, 1:].reshape(got.acts.shape))
 
 
 def test_resume_with_filtered_rows_is_exact(model_dir, texts):

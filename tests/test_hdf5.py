@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import h5py
+import hdf5plugin
 import numpy as np
 import pytest
 import torch
@@ -130,8 +131,8 @@ def test_from_hdf5_serves_every_row_once(cache_file, expected, layout, tmp_path)
 
 def filtered_copy(path, out, layout: str):
     """The same file with chunks of 100 rows that the raw reader must not read as they lie: stored
-    with HDF5's scale-offset filter (which h5py does not report as compression), or with one chunk
-    never written (unallocated: HDF5 reads it as the fill value)."""
+    with HDF5's scale-offset filter or a plugin's (h5py reports neither as compression), or with one
+    chunk never written (unallocated: HDF5 reads it as the fill value)."""
     with h5py.File(path, "r") as src, h5py.File(out, "w") as dst:
         dst.attrs.update(src.attrs)
         for key, data in src.items():
@@ -141,17 +142,20 @@ def filtered_copy(path, out, layout: str):
                 dst.create_dataset(key, data=data[:])
             elif layout == "scale-offset":
                 dst.create_dataset(key, data=data[:], chunks=(100, *data.shape[1:]), scaleoffset=3)
+            elif layout == "zstd plugin":
+                dst.create_dataset(key, data=data[:], chunks=(100, *data.shape[1:]), **hdf5plugin.Zstd())
             else:
                 made = dst.create_dataset(key, data.shape, data.dtype, chunks=(100, *data.shape[1:]))
                 made[:100], made[200:] = data[:100], data[200:]
     return out
 
 
-@pytest.mark.parametrize("layout", ["scale-offset", "unallocated chunk"])
+@pytest.mark.parametrize("layout", ["scale-offset", "zstd plugin", "unallocated chunk"])
 def test_a_file_that_cannot_be_read_raw_is_served_as_hdf5_reads_it(cache_file, layout, tmp_path):
     """Every row served equals h5py's own read of that row. Before, the raw-chunk reader checked
-    only gzip, lzf, szip and shuffle, so scale-offset bytes were served as rows, and an unallocated
-    chunk (byte offset 0) served the file's header as rows."""
+    only gzip, lzf, szip and shuffle, so scale-offset or Zstandard bytes were served as rows, and an
+    unallocated chunk (byte offset 0) served the file's header as rows. The generator process
+    decodes the plugin's filter without being told to import hdf5plugin."""
     path = filtered_copy(cache_file, tmp_path / "filtered.h5", layout)
     with h5py.File(path, "r") as f:
         stored, seq, pos = f["activations"][:], f["seq"][:], f["pos"][:]

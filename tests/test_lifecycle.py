@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import reference_contexts
+from conftest import read_line, reference_contexts
 
 import actvpipe
 from actvpipe.shm import SharedBlock
@@ -225,7 +225,7 @@ def test_loaders_in_two_processes_do_not_interfere(model_dir, texts):
         [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     try:
-        other_pid = int(other.stdout.readline())
+        other_pid = int(read_line(other.stdout))
         with (
             actvpipe.stream(model_dir, texts[:8], context_length=32)
             .buffer(2000)
@@ -268,7 +268,7 @@ def start_trainer(model_dir, texts) -> tuple[subprocess.Popen, int, int]:
         text=True,
         start_new_session=True,  # its own process group, as a terminal would give it
     )
-    parent, child = map(int, proc.stdout.readline().split())
+    parent, child = map(int, read_line(proc.stdout).split())
     return proc, parent, child
 
 
@@ -349,3 +349,20 @@ def test_starts_back_to_back_never_wait_for_the_fork_server(tmp_path, model_dir,
     assert out.returncode == 0, out.stderr
     slowest, rows = out.stdout.split()
     assert float(slowest) < 0.5 and int(rows) == actvpipe.from_hdf5(path).spec.files[0].rows
+
+
+def test_a_generator_that_makes_no_progress_raises_instead_of_hanging(model_dir):
+    """A dataset whose iterator blocks: no row arrives, and after ``progress_timeout`` the loop gets
+    a ``GeneratorError`` saying what the generator was doing. Before, ``next()`` waited forever (the
+    generator was alive, so no other check fired)."""
+    import datasets
+    from blocking_data import documents_then_a_hang
+
+    data = datasets.IterableDataset.from_generator(documents_then_a_hang)
+    stream = actvpipe.stream(model_dir, data, context_length=16, generation_batch_size=4)
+    with stream.buffer(500, progress_timeout=3).batch(50) as loader:
+        began = time.monotonic()
+        with pytest.raises(actvpipe.GeneratorError, match="no progress for 3 s") as error:
+            next(iter(loader))
+        assert 3 <= time.monotonic() - began < 60
+    assert "reading its data or running the model" in str(error.value)

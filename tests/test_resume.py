@@ -242,7 +242,11 @@ def test_the_fingerprint_and_file_attributes_hold_what_rows_are_and_nothing_of_h
         "dtype", "seed", "exclude_bos", "deterministic", "model_dtype", "exclude_tokens", "packing",
         "rank", "world_size",
     }  # fmt: skip
-    assert set(buffered.spec.fingerprint()) == identity | {"model_content", "dataset_content"}
+    assert set(buffered.spec.fingerprint()) == identity | {
+        "model_content",
+        "tokenizer_content",
+        "dataset_content",
+    }
     in_files = identity - {"generation_batch_size", "dtype", "seed", "deterministic", "rank", "world_size"}
     assert in_files | {"d_model"} <= set(buffered.spec.file_attrs())
     assert not {"device", "watermarks", "write_hdf5"} & {f.name for f in dataclasses.fields(buffered.spec)}
@@ -294,11 +298,13 @@ def test_sigkill_right_after_saving_then_resume_in_a_new_process(model_dir, docs
     torch.save(docs, docs_file)
     args = [docs_file, model_dir, cfg, state_file, rest_file]
     died = subprocess.run(
-        [sys.executable, "-c", COMMON + SAVE_THEN_DIE, *args], capture_output=True, text=True
+        [sys.executable, "-c", COMMON + SAVE_THEN_DIE, *args], capture_output=True, text=True, timeout=300
     )
     assert died.returncode == -9, died.stderr
     saved = torch.load(state_file)
-    resumed = subprocess.run([sys.executable, "-c", COMMON + RESUME, *args], capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-c", COMMON + RESUME, *args], capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
     rows = saved["rows"] + torch.load(rest_file)
     seq, pos, acts = (torch.cat([r[i] for r in rows]) for i in range(3))
@@ -400,3 +406,147 @@ def test_a_state_saved_between_any_two_stores_of_a_push_resumes_exactly(
         with make() as resumed:
             resumed.load_state_dict(state)
             assert_is_the_full_pass(before + list(resumed), reference)
+
+
+def test_state_dict_works_at_any_moment_of_a_loaders_life_and_starts_nothing(model_dir, docs, reference):
+    """Before the first batch, after ``close()`` and after the pass ended. Before, ``state_dict()``
+    after ``close()`` raised AttributeError, and before the first batch it spawned the generators
+    and, with ``normalize=``, ran the statistics pass."""
+
+    def normalized():
+        stream = actvpipe.stream(model_dir, docs, context_length=CTX, generation_batch_size=GEN_BATCH)
+        return stream.buffer(BUFFER, normalize="sqrt_d", stats_rows=500).batch(BATCH, with_tokens=True)
+
+    untouched = normalized()
+    fresh = pickle.loads(pickle.dumps(untouched.state_dict()))
+    assert untouched.generator_pid is None and untouched.normalization is None
+    assert not shm_entries(os.getpid()), "nothing started"
+    loader = make_loader(model_dir, docs)
+    with loader:
+        it = iter(loader)
+        served = [next(it) for _ in range(7)]
+    closed = pickle.loads(pickle.dumps(loader.state_dict()))
+    with make_loader(model_dir, docs) as resumed:
+        resumed.load_state_dict(closed)
+        assert_is_the_full_pass(served + list(resumed), reference)
+    with normalized() as whole:
+        whole.load_state_dict(fresh)
+        batches = list(whole)
+        ended = pickle.loads(pickle.dumps(whole.state_dict()))
+        scale = whole.normalization.scale
+    for batch in batches:
+        batch.acts.div_(scale)
+    assert_exact_batches(batches, reference, CTX, rtol=1e-4, atol=1e-4)
+    assert LoaderState.from_dict(ended).buffer.batches == len(batches)
+
+
+def test_a_state_restores_only_with_the_same_tokenizer_batch_size_and_drop_last(model_dir, docs, tmp_path):
+    """Before, the tokenizer was not in the fingerprint (another tokenizer with the same model
+    resumed), nor were ``batch_size`` and ``drop_last``."""
+    from transformers import AutoTokenizer
+
+    other = AutoTokenizer.from_pretrained(model_dir)
+    other.add_tokens(["<an extra token>"])
+    other.save_pretrained(tmp_path / "other")
+    with make_loader(model_dir, docs) as loader:
+        next(iter(loader))
+        state = pickle.loads(pickle.dumps(loader.state_dict()))
+    retokenized = actvpipe.stream(
+        model_dir,
+        docs,
+        tokenizer=str(tmp_path / "other"),
+        context_length=CTX,
+        generation_batch_size=GEN_BATCH,
+    )
+    with pytest.raises(ValueError, match="tokenizer_content: saved"):
+        retokenized.buffer(BUFFER).batch(BATCH, with_tokens=True).load_state_dict(state)
+    stream = actvpipe.stream(model_dir, docs, context_length=CTX, generation_batch_size=GEN_BATCH)
+    with pytest.raises(ValueError, match=f"batch_size: saved {BATCH}, now {BATCH // 2}"):
+        stream.buffer(BUFFER).batch(BATCH // 2, with_tokens=True).load_state_dict(state)
+    with pytest.raises(ValueError, match="drop_last: saved False, now True"):
+        stream.buffer(BUFFER).batch(BATCH, drop_last=True, with_tokens=True).load_state_dict(state)
+
+
+def test_deterministic_mode_refuses_the_device_that_timing_decides():
+    """``device="auto"`` (only kept where CUDA is) moves the forward between GPU and CPU on the
+    buffer's fill: not bitwise. Before, ``deterministic=True`` accepted it."""
+    from actvpipe.checks import check_deterministic_device
+
+    with pytest.raises(ValueError, match="with deterministic=True pass device='cuda'"):
+        check_deterministic_device(True, "auto")
+    for deterministic, device in ((True, "cpu"), (True, "cuda"), (False, "auto")):
+        check_deterministic_device(deterministic, device)
+
+
+def test_rows_whose_tokens_changed_at_the_same_positions_are_refused_on_restore(
+    model_dir, tmp_path, monkeypatch
+):
+    """A pretokenized file changed in its middle, same size and modification time: its fingerprint
+    (size, time, first and last bytes; 512 here instead of a MiB, standing for a large file) does not
+    see it. The restore regenerates rows at the saved positions and checks their tokens. Before,
+    only the positions were checked, and the changed rows were served as if they were the saved."""
+    monkeypatch.setattr("actvpipe.fingerprint.EDGE", 512)
+    rng = np.random.default_rng(0)
+    path = tmp_path / "tokens.jsonl"
+    lines = [json.dumps({"input_ids": rng.integers(100, 1000, 40).tolist()}) for _ in range(60)]
+    path.write_text("".join(line + "\n" for line in lines))
+
+    def make():
+        stream = actvpipe.stream(model_dir, str(path), context_length=CTX, generation_batch_size=2)
+        return stream.buffer(400).batch(50, with_tokens=True)
+
+    with make() as loader:
+        next(iter(loader))
+        state = pickle.loads(pickle.dumps(loader.state_dict()))
+    stat = os.stat(path)
+    text = path.read_bytes()
+    middle = re.sub(rb"\d{3}", lambda m: b"%03d" % (100 + (int(m.group()) - 99) % 900), text[512:-512])
+    path.write_bytes(text[:512] + middle + text[-512:])
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with make() as resumed:
+        resumed.load_state_dict(state)  # the fingerprint matches
+        with pytest.raises(RuntimeError, match="hold other tokens than the saved ones"):
+            next(iter(resumed))
+
+
+def test_a_state_saved_with_a_device_hand_over_restores_without_one_and_back(model_dir, docs, reference):
+    """The chain has the same nodes whatever ``device=`` is (the hand-over maps to itself without
+    one), so a state saved on a GPU machine resumes on the CPU. Found by review: the hand-over node
+    was in the chain only with a device, and each state failed in the other chain (KeyError)."""
+    stream = actvpipe.stream(model_dir, docs, context_length=CTX, generation_batch_size=GEN_BATCH)
+    for saving, resuming in (("cpu", None), (None, "cpu")):
+        with stream.buffer(BUFFER).batch(BATCH, with_tokens=True, device=saving) as loader:
+            it = iter(loader)
+            served = [next(it) for _ in range(5)]
+            state = pickle.loads(pickle.dumps(loader.state_dict()))
+        with stream.buffer(BUFFER).batch(BATCH, with_tokens=True, device=resuming) as resumed:
+            resumed.load_state_dict(state)
+            assert_is_the_full_pass(served + list(resumed), reference)
+
+
+def test_an_iterator_made_and_dropped_before_any_batch_does_not_start_another_pass(model_dir, docs):
+    """Passes are counted where they start: an ``iter()`` that drew nothing reuses its run and its
+    pass number. Found by review: the sampler counted every reset while the run was reused, so a
+    deterministic loader iterated once for nothing served other batches, saved as pass 2."""
+
+    def seqs(loader, warm_up: bool):
+        with loader:
+            if warm_up:
+                iter(loader)
+            batches = list(loader)
+            number = LoaderState.from_dict(loader.state_dict()).buffer.pass_number
+        return [b.seq.tolist() for b in batches], number
+
+    plain = seqs(make_loader(model_dir, docs, deterministic=True), warm_up=False)
+    assert seqs(make_loader(model_dir, docs, deterministic=True), warm_up=True) == plain
+    assert plain[1] == 1
+
+
+def test_start_while_iterating_keeps_the_pass_going(model_dir, docs, reference):
+    """``start()`` while an iteration is under way has nothing to launch. Found by review: it
+    closed the running pass under the iterator, whose next batch raised a GeneratorError."""
+    with make_loader(model_dir, docs) as loader:
+        it = iter(loader)
+        served = [next(it), next(it)]
+        loader.start()
+        assert_is_the_full_pass(served + list(it), reference)

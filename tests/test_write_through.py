@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import read_line
 from torchdata.nodes import BaseNode, Loader
 
 import actvpipe
@@ -205,7 +206,7 @@ def test_a_writer_killed_at_any_instant_leaves_a_valid_continuable_file(tmp_path
         proc = subprocess.Popen(
             [sys.executable, "-c", WRITER, str(path), str(seed)], stdout=subprocess.PIPE, text=True
         )
-        assert proc.stdout.readline().strip() == "ready"
+        assert read_line(proc.stdout).strip() == "ready"
         time.sleep(float(rng.uniform(0.05, 0.4)))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
