@@ -6,7 +6,13 @@ import atexit
 import contextlib
 import os
 
-from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: F401
+from transformers import (  # noqa: F401
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 import actvpipe.pipeline  # noqa: F401
 from actvpipe.generator import ready_marker

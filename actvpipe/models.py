@@ -77,7 +77,7 @@ def resolve_model(model: Any, tokenizer: Any = None) -> tuple[ModelSource, Pretr
     if not isinstance(ref, str):
         pickle_for_generator(type(ref), "model")
     config_hash = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
-    content = _content(ref, config_hash, getattr(config, "_commit_hash", None))
+    content = _content(ref, config_hash, hub_revision(ref) if isinstance(ref, str) else None)
     return ModelSource(ref, tokenizer, config_hash, content, vocabulary), config
 
 
@@ -149,6 +149,17 @@ def _content(ref: str | PreTrainedModel, config_hash: str, revision: str | None)
     if Path(ref).expanduser().is_dir():
         return model_files_digest(Path(ref).expanduser())
     return config_hash if revision is None else f"{config_hash}@{revision}"
+
+
+def hub_revision(ref: str) -> str | None:
+    """The commit a hub id resolved to (its config was just read, so it is in the local hub cache),
+    or None for a local directory."""
+    if Path(ref).expanduser().exists():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(ref, "config.json")
+    return Path(path).parent.name if isinstance(path, str) else None
 
 
 def tokenizer_digest(tokenizer: Any) -> str:

@@ -550,3 +550,46 @@ def test_start_while_iterating_keeps_the_pass_going(model_dir, docs, reference):
         served = [next(it), next(it)]
         loader.start()
         assert_is_the_full_pass(served + list(it), reference)
+
+
+HUB_REVISIONS = """
+import os, shutil, sys
+from pathlib import Path
+model, cache = Path(sys.argv[1]), Path(os.environ["HF_HUB_CACHE"])
+repo = cache / "models--actvpipe-test--tiny"
+for commit in ("1" * 40, "2" * 40):
+    shutil.copytree(model, repo / "snapshots" / commit)
+(repo / "refs").mkdir()
+import actvpipe
+
+def fingerprinted_state(commit):
+    (repo / "refs" / "main").write_text(commit)
+    stream = actvpipe.stream("actvpipe-test/tiny", ["a document", "another one"], context_length=16)
+    return stream.buffer(200).batch(50)
+
+first = fingerprinted_state("1" * 40)
+state = first.state_dict()
+print(state["fingerprint"]["model_content"])
+try:
+    fingerprinted_state("2" * 40).load_state_dict(state)
+except ValueError as error:
+    print(error)
+"""
+
+
+def test_a_hub_model_is_fingerprinted_by_the_revision_it_resolved_to(model_dir, tmp_path):
+    """A hub id resolves to a commit; a state saved at one commit is refused at another, even with
+    the same config. Before, a hub model was identified by its config alone. (Offline: a hub cache
+    with two snapshots of the demo model, ``refs/main`` moved from one to the other.)"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    out = subprocess.run(
+        [sys.executable, "-c", HUB_REVISIONS, str(model_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    content, *error = out.stdout.splitlines()
+    assert content.endswith("@" + "1" * 40)
+    assert "model_content: saved" in "\n".join(error) and "2" * 40 in "\n".join(error)
