@@ -89,16 +89,18 @@ class PassRun:
         return (*header.per_source("written"), *header.per_source("computed"))
 
     def _stuck_message(self) -> str:
-        doing = "; ".join(
-            f"source {k} ({'HDF5 files' if self.sources[k].from_disk else 'the model over its data'}) was "
-            + self.buffer.operation(k)
-            + (" (reading its data or running the model)" if self.buffer.operation(k) == OPS[0] else "")
-            for k in range(self.n_sources)
-            if not self.buffer.done(k)
-        )
+        doing = []
+        for k, source in enumerate(self.sources):
+            if self.buffer.done(k):
+                continue
+            what = "HDF5 files" if source.from_disk else "the model over its data"
+            operation = self.buffer.operation(k)
+            if operation == OPS[0]:
+                operation += " (reading its data or running the model)"
+            doing.append(f"source {k} ({what}) was {operation}")
         return (
-            f"the actvpipe generator made no progress for {self.progress_timeout:g} s: {doing}. A "
-            "dataset whose reads hang or a model that never returns does this; if a block really "
+            f"the actvpipe generator made no progress for {self.progress_timeout:g} s: {'; '.join(doing)}. "
+            "A dataset whose reads hang or a model that never returns does this; if a block really "
             "takes longer (a huge model on the CPU), pass a larger .buffer(progress_timeout=...)"
         )
 
