@@ -44,6 +44,7 @@ class DatasetSource:
     text_column: str
     content: dict[str, str] | str = ""  # see ``fingerprint``; filled in by ``resolve_dataset``
     label: str = ""  # what the user passed, when ``value`` is a memory-mapped copy of it
+    revision: str = ""  # the commit a hub dataset resolved to; the generator reads that commit
 
     @property
     def native(self) -> bool:
@@ -57,7 +58,7 @@ class DatasetSource:
 
     def _data(self) -> str:
         if self.kind == "hub":
-            return str(self.value)
+            return f"{self.value}@{self.revision}" if self.revision else str(self.value)
         if self.kind == "files":
             return ",".join(self.value[1])
         if isinstance(self.value, list):
@@ -163,14 +164,14 @@ def _list_bytes(documents: list) -> int:
 
 def _content(source: DatasetSource) -> dict[str, str] | str:
     """What identifies the data: its files' digests, a hash of a list's documents, ``datasets``'
-    own fingerprint of an in-memory dataset, or the hub id (a hub dataset is read as published)."""
+    own fingerprint of an in-memory dataset, or a hub dataset's id and the commit it resolved to."""
     if source.kind == "files":
         return files_digest(source.value[1])
     if isinstance(source.value, list):
         return documents_digest(source.value)
     if source.kind == "object":
         return str(getattr(source.value, "_fingerprint", "") or "")
-    return str(source.value)
+    return source._data()
 
 
 def _resolve_path_or_hub(name: str, text_column: str) -> DatasetSource:
@@ -187,7 +188,7 @@ def _resolve_path_or_hub(name: str, text_column: str) -> DatasetSource:
     elif _looks_like_path(name):
         raise FileNotFoundError(f"dataset: no such file or directory {name!r}; check the path")
     else:
-        return DatasetSource("hub", name, text_column)
+        return DatasetSource("hub", name, text_column, revision=_hub_dataset_revision(name))
     builders = {BUILDERS.get(Path(f).suffix) for f in files}
     if None in builders or len(builders) != 1:
         raise ValueError(
@@ -198,6 +199,20 @@ def _resolve_path_or_hub(name: str, text_column: str) -> DatasetSource:
     if builder == "json" and first_line_record(files[0]) is not None:
         builder = "jsonl"  # JSON lines, whatever the suffix; other JSON goes through ``datasets``
     return DatasetSource("files", (builder, tuple(files)), text_column)
+
+
+def _hub_dataset_revision(name: str) -> str:
+    """The commit ``name`` resolves to on the hub now: the generator reads that commit, and a state
+    saved on it is refused once the dataset has moved on."""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().dataset_info(name).sha or ""
+    except Exception as exc:
+        raise ValueError(
+            f"dataset: could not load {name!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
+            f"{OFFLINE_HINT}"
+        ) from exc
 
 
 def _looks_like_path(name: str) -> bool:
@@ -212,7 +227,9 @@ def open_dataset(source: DatasetSource) -> Any:
 
     try:
         if source.kind == "hub":
-            return datasets.load_dataset(source.value, split="train", streaming=True)
+            return datasets.load_dataset(
+                source.value, split="train", streaming=True, revision=source.revision or None
+            )
         builder, files = source.value
         builder = "json" if builder == "jsonl" else builder
         return datasets.load_dataset(builder, data_files=list(files), split="train", streaming=True)

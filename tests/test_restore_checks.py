@@ -231,3 +231,76 @@ def test_a_hub_model_is_fingerprinted_by_the_revision_it_resolved_to(model_dir, 
     content, *error = out.stdout.splitlines()
     assert content.endswith("@" + "1" * 40)
     assert "model_content: saved" in "\n".join(error) and "2" * 40 in "\n".join(error)
+
+
+HUB_DATASET = """
+import os, sys, json
+import torch
+sys.path.insert(0, sys.argv[3])
+from fake_hub import FakeHub
+
+def jsonl(docs):
+    return "".join(json.dumps({"text": d}) + "\\n" for d in docs).encode()
+
+first, second = json.loads(sys.argv[2])
+hub = FakeHub("actvpipe-test/docs")
+os.environ["HF_ENDPOINT"] = hub.url
+pinned = hub.push({"train.jsonl": jsonl(first)})
+import actvpipe
+
+def make(dataset):
+    stream = actvpipe.stream(sys.argv[1], dataset, context_length=32, deterministic=True, seed=3)
+    return stream.buffer(600).batch(100, with_tokens=True)
+
+def full_pass(loader):
+    with loader:
+        batches = list(loader)
+    return {f: torch.cat([getattr(b, f) for b in batches]) for f in ("seq", "pos", "acts", "token_ids")}
+
+loader = make("actvpipe-test/docs")
+moved = hub.push({"train.jsonl": jsonl(second)})  # after stream(): the generator still reads ``pinned``
+state = loader.state_dict()
+torch.save({"hub": full_pass(loader), "first": full_pass(make(first)), "second": full_pass(make(second))},
+           sys.argv[4])
+print(state["fingerprint"]["dataset_content"])
+try:
+    make("actvpipe-test/docs").load_state_dict(state)
+except ValueError as error:
+    print(error)
+print(pinned, moved)
+"""
+
+
+def test_a_hub_dataset_is_read_at_its_resolved_commit_and_fingerprinted_by_it(model_dir, texts, tmp_path):
+    """``stream()`` resolves a hub dataset to a commit: the generator reads that commit even after
+    ``main`` moved on, and a state saved on it is refused at the new one. Before, a hub dataset was
+    identified by its id alone: the generator read whatever ``main`` was when it started, and a
+    state resumed onto changed data. (A local fake hub serves the repository.)"""
+    first, second = texts[:6], texts[6:12]
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}
+    env |= {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+    args = [
+        str(model_dir),
+        json.dumps([first, second]),
+        os.path.dirname(__file__),
+        str(tmp_path / "passes.pt"),
+    ]
+    out = subprocess.run(
+        [sys.executable, "-c", HUB_DATASET, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    content, *error, commits = out.stdout.splitlines()
+    pinned, moved = commits.split()
+    assert content == f"actvpipe-test/docs@{pinned}"
+    changed = f"dataset_content: saved 'actvpipe-test/docs@{pinned}', now 'actvpipe-test/docs@{moved}'"
+    assert changed in "\n".join(error)
+    passes = torch.load(tmp_path / "passes.pt")
+    hub, same, other = passes["hub"], passes["first"], passes["second"]
+    for field in ("seq", "pos", "acts", "token_ids"):
+        assert torch.equal(hub[field], same[field]), field
+    n = min(len(hub["token_ids"]), len(other["token_ids"]))
+    assert not torch.equal(hub["token_ids"][:n], other["token_ids"][:n]), "the moved main was read"
