@@ -8,9 +8,8 @@ monitor read are copied into the shared header after each commit (``mirror``).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -18,9 +17,9 @@ from actvpipe.shm import TrainerView, fence
 from actvpipe.slots import remove_positions, sample_positions
 
 
-@dataclass(frozen=True)
-class Counts:
-    """The trainer's counters, per source where a tuple."""
+class Counts(NamedTuple):
+    """The trainer's counters, per source where a tuple (a named tuple: replaced on every batch,
+    several times faster than a frozen dataclass)."""
 
     n_full: int  # sampleable slots: full[:n_full]
     pool: int  # slots not handed out: pool[:pool], plus the never-used slots [fresh, size)
@@ -78,6 +77,7 @@ class Ledger:
             buffer.start_source(k, grants[k], base, next_blocks[k])
             base += grants[k]
         self.pool = np.empty(buffer.size, dtype=np.int64)  # pages are touched only as slots return
+        self.scratch = np.empty(buffer.size, dtype=np.int32)  # for ``sample_positions``
         self.counts = Counts(
             n_full=0,
             pool=0,
@@ -92,7 +92,7 @@ class Ledger:
         )
 
     def _commit(self, **changes: Any) -> None:
-        self.counts = dataclasses.replace(self.counts, **changes)
+        self.counts = self.counts._replace(**changes)
         self.mirror()
 
     def mirror(self) -> None:
@@ -139,7 +139,7 @@ class Ledger:
     def draw(self, n: int, rng: np.random.Generator) -> Draw:
         """Pick up to ``n`` uniformly random full slots (nothing changes until ``remove``)."""
         state = rng.bit_generator.state
-        positions = sample_positions(rng, self.counts.n_full, n)
+        positions = sample_positions(rng, self.counts.n_full, n, self.scratch)
         return Draw(self.buffer.full[positions], positions, state)
 
     def remove(self, draw: Draw) -> None:
@@ -153,9 +153,8 @@ class Ledger:
         self.pool[c.pool : c.pool + n] = draw.slots
         try:
             remove_positions(self.buffer.full, c.n_full, draw.positions)  # one store into the list
-            self.counts = dataclasses.replace(
-                c, n_full=c.n_full - n, pool=c.pool + n, served=c.served + n, batches=c.batches + 1
-            )
+            served, batches = c.served + n, c.batches + 1
+            self.counts = c._replace(n_full=c.n_full - n, pool=c.pool + n, served=served, batches=batches)
         except BaseException:
             if self.counts is c:  # interrupted before the commit: put the drawn slots back
                 self.buffer.full[draw.positions] = draw.slots

@@ -71,6 +71,8 @@ class PassRun:
     def wait(self, ready: Callable[[], bool]) -> None:
         """Poll ``ready`` until it holds, checking the generators between two sleeps: a failure, a
         death, or no row from any of them for ``progress_timeout`` seconds raises."""
+        if ready():  # the usual case, and the cheapest
+            return
         backoff, seen = 1e-4, self._progress()
         quiet_since = time.monotonic()
         while not ready():

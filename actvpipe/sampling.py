@@ -81,7 +81,8 @@ class BufferSampler(BaseNode[Batch]):
         return TokenBatch(acts, **buffer.provenance(slots))
 
     def commit(self) -> None:
-        """The batch last drawn reached the training loop: its rows leave the buffer."""
+        """The batch last drawn reached the training loop: its rows leave the buffer. (Their slots
+        go back to the generators at the next draw: nothing that could raise may follow this.)"""
         if self._pending is not None:
             self.run.ledger.remove(self._pending[0])  # the ledger's own commit: all or nothing
             self._pending = None

@@ -59,6 +59,7 @@ assert HEADER.itemsize <= HEADER_BYTES
 # What a source is doing to the buffer (field ``op``), so that a death can be reported with it.
 OPS = ("computing or waiting", "claiming slots", "writing rows", "pushing rows")
 ERROR_BYTES = 16 * 1024  # per source
+PARALLEL_GATHER_BYTES = 8 << 20  # a batch this large is gathered on torch's intra-op threads
 META = ("row_id", "source", "seq", "pos", "token_ids", "block_seq", "block_record", "block_offset")
 
 _fence_lock = threading.Lock()
@@ -404,15 +405,20 @@ class TrainerView:
         return {key: self.meta[key].numpy()[slots] for key in META}
 
     def gather(self, slots: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Copy rows out (into ``out`` when given) on the calling thread: ``np.take`` over raw bytes
-        copies as fast as a one-thread ``index_select`` without touching torch's process-wide thread
-        count, and leaves no OpenMP workers spinning on the cores the generator's forward needs."""
+        """Copy rows out (into ``out`` when given). A large batch is copied by ``index_select`` on
+        torch's intra-op threads (as many as the caller's ``torch.get_num_threads()``, never changed
+        here); a small one on this thread, where waking the thread pool would cost more than the
+        copy (and far more when another process, such as the generator, holds the other cores)."""
         block = self.block
         if out is None:
             out = torch.empty((len(slots), *block.row_shape), dtype=block.dtype)
-        raw = block.rows.view(torch.uint8).view(block.size, block.row_bytes).numpy()
+        if len(slots) * block.row_bytes >= PARALLEL_GATHER_BYTES and torch.get_num_threads() > 1:
+            flat = block.rows.view(block.size, -1)
+            torch.index_select(flat, 0, torch.from_numpy(slots), out=out.view(len(slots), -1))
+            return out
+        raw = block.rows.view(torch.uint8).view(block.size, block.row_bytes).numpy()  # any dtype
         dest = out.view(torch.uint8).view(len(slots), block.row_bytes).numpy()
-        np.take(raw, slots, axis=0, out=dest, mode="clip")  # slots are in range; "clip" skips a buffer
+        np.take(raw, slots, axis=0, out=dest, mode="clip")  # in range: "clip" skips a bounds pass
         return out
 
     def provenance(self, slots: np.ndarray) -> dict[str, torch.Tensor]:

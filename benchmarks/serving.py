@@ -1,176 +1,197 @@
-"""P2 and P5: the cost of serving batches from a full buffer, through the serving path's own code
-(the ledger's ``draw`` -> the buffer's ``gather`` -> ``remove`` -> ``grant``, the refill pushed
-back through the slot rings and published) on a real shared buffer, in this process.
+"""P2 and P5: serving batches through the real loader, its generator running (refilling the buffer
+from an HDF5 cache in its own process), against the physical limit of the same work, in one run.
 
-- P2: GB/s of batches of 5000 GPT-2-small rows ([2, 12, 768] float32, 73.7 KB), gathered as the
-  loader does by default (into its ``OutputPool``) ÷ GB/s of a plain one-thread ``copy_`` of the
-  same number of bytes between two preallocated tensors (the gather runs on one thread), in the
-  same run, sides alternated; and the same into a fresh tensor per batch, for reference.
-- P5: seconds per batch of 1024 small rows with 10 million buffered rows ÷ a plain one-thread
-  ``index_select`` of 1024 random rows from the same 10M rows (the physical limit of a gather).
+- P2: GB/s of batches of 5000 GPT-2-small rows ([2, 12, 768] float32, 73.7 KB) ÷ GB/s of ``copy_``
+  of the same bytes between two preallocated tensors; at one torch thread and at every core (the
+  same ``torch.set_num_threads`` on both sides).
+- P5: seconds per batch of 1024 rows of [2, 2, 16] with 10 million buffered rows ÷ an
+  ``index_select`` of 1024 random rows of the same shared buffer into a preallocated tensor
+  (indices drawn outside the timed call), same threads.
 
+Steady state: one pass, whose first buffer's worth of rows is served untimed (each slot's first
+read in a pass maps its pages into the trainer). Each loader window then starts from a full buffer
+(the generator has refilled it) and times only the ``next()`` calls, the generator refilling while
+they run. Sides alternate (ABBA), 8 windows a side (4 with ``--quick``), the median reported.
 Run: python -m benchmarks.serving [--quick]
 """
 
 from __future__ import annotations
 
+import os
+import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from actvpipe.ledger import Ledger
-from actvpipe.outputs import OutputPool
-from actvpipe.shm import GeneratorView, SharedBlock, TrainerView
+import actvpipe
+from actvpipe.hdf5 import META_DATASETS
+from actvpipe.hdf5_writer import Hdf5RowWriter
+from actvpipe.records import RowBlock
 from benchmarks.common import Result, cli, warm_memory
 
 GPT2_SMALL_ROW = (2, 12, 768)
 SMALL_ROW = (2, 2, 16)
 
 
-def full_buffer(size: int, row_shape: tuple[int, ...]) -> tuple[SharedBlock, Ledger]:
-    """A buffer whose every slot holds a row and is sampleable, as after the warm-up."""
-    block = SharedBlock.create(size, row_shape, torch.float32)
-    for lo in range(0, size, 4096):
-        rows = block.rows[lo : lo + 4096]
-        rows.copy_(torch.randn(rows.shape))
-    ledger = Ledger(TrainerView(block), [size], [0], [0])
-    generator = GeneratorView(block, 0)
-    generator.push(generator.claim(size))
-    ledger.publish(0, size)
-    return block, ledger
+def cache_file(path: Path, rows: int, row_shape: tuple[int, ...]) -> Path:
+    """An actvpipe cache of ``rows`` random rows (one random block written over and over)."""
+    block_rows = min(rows, max(1, (64 << 20) // (int(np.prod(row_shape)) * 4)))
+    data = torch.randn((block_rows, *row_shape), generator=torch.Generator().manual_seed(0))
+    attrs = {"layers": list(range(row_shape[1])), "d_model": row_shape[-1]}
+    writer = Hdf5RowWriter(path, row_shape, torch.float32, attrs)
+    for start in range(0, rows, block_rows):
+        n = min(block_rows, rows - start)
+        meta = {k: np.arange(start, start + n, dtype=np.int64) for k in (*META_DATASETS, "row_id")}
+        writer.write(RowBlock(data[:n], meta))
+    return writer.finish(with_stats=False)
 
 
-def seconds_per_batch(
-    block: SharedBlock, ledger: Ledger, batch: int, seconds: float, pool: OutputPool | None
-) -> float:
-    """The training side's serving path per batch (draw, gather, remove, grant, publish), holding
-    each batch until the next is drawn as a training loop does: gathered into ``pool`` (the loader's
-    default; one pool for the whole run, as a loader keeps its own, so windows after the warm-up
-    time the steady state), or into a fresh tensor each time (``None``). The refill the generator
-    would do (claim and push the granted slots) runs between batches, untimed."""
-    rng = np.random.default_rng(0)
-    buffer, generator = ledger.buffer, GeneratorView(block, 0)
-    n, timed, served = 0, 0.0, None
-    while timed < seconds:
+def wait_until_full(loader, size: int, batch: int, timeout: float = 300.0) -> None:
+    """Until the generator has written a row into every slot but the last batch's (which the
+    loader hands back to it in the next call)."""
+    deadline = time.monotonic() + timeout
+    while (counters := loader.counters())["written"] - counters["served"] < size - batch:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the buffer did not fill in {timeout:g} s: {counters}")
+        time.sleep(0.002)
+
+
+def loader_window(loader, batches: Iterator, size: int, batch: int, n: int, refilled: bool = False) -> float:
+    """Seconds per batch of ``n`` ``next()`` calls from a full buffer; only the calls are timed.
+    ``refilled``: before each call (untimed, as during a training step long enough for it) the
+    generator refills the buffer; otherwise it refills while the calls run."""
+    wait_until_full(loader, size, batch)
+    timed = 0.0
+    for i in range(n):
+        if refilled and i:
+            wait_until_full(loader, size, batch)
         start = time.perf_counter()
-        draw = ledger.draw(batch, rng)
-        served = buffer.gather(draw.slots, None if pool is None else pool.take(batch))
-        ledger.remove(draw)
-        ledger.grant()
+        served = next(batches)
         timed += time.perf_counter() - start
-        generator.push(generator.claim(batch))  # the generator's part
-        start = time.perf_counter()
-        ledger.publish(0, batch)
-        timed += time.perf_counter() - start
-        n += 1
-    del served
+        del served  # the training step is done: the pool may reuse its tensor
     return timed / n
 
 
-def one_thread_seconds(step: Callable[[], object], seconds: float) -> float:
-    """Seconds per call of ``step`` repeated for ``seconds`` on one torch thread, as the serving
-    path gathers on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def repeated(step: Callable[[], object], n: int) -> float:
+    """Seconds per call of ``step`` over ``n`` calls."""
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - start) / n
+
+
+def abba(sides: dict[str, Callable[[], float]], windows: int) -> dict[str, float]:
+    """The median of ``windows`` windows a side, the sides alternated A B B A ..., after one
+    untimed window of each."""
+    a, b = sides
+    sides[a](), sides[b]()
+    order = [a, b, b, a] * (windows // 2)
+    times: dict[str, list[float]] = {a: [], b: []}
+    for side in order:
+        times[side].append(sides[side]())
+    return {side: statistics.median(t) for side, t in times.items()}
+
+
+def with_threads(threads: int, run: Callable[[], dict[str, float]]) -> dict[str, float]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            step()
-            n += 1
-        return (time.perf_counter() - start) / n
+        return run()
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
-def p2(quick: bool) -> tuple[float, float, float]:
-    """(served GB/s by default, into a fresh tensor per batch, plain copy GB/s) at batch 5000; the
-    three timed in the order default, fresh, copy, copy, fresh, default, after a warm-up of each."""
-    batch, size = 5000, 10_000 if quick else 40_000
-    row_bytes = int(np.prod(GPT2_SMALL_ROW)) * 4
-    warm_memory((size + 6 * batch) * row_bytes)  # the buffer, the pool's and copy_'s tensors: see P6
-    buffer, ledger = full_buffer(size, GPT2_SMALL_ROW)
+def served_stream(directory: Path, name: str, rows: int, file_rows: int, row_shape: tuple[int, ...]):
+    """A stream of ``rows`` rows: one cache file of ``file_rows`` rows read as often as needed (one
+    copy in the page cache, however long the run)."""
+    path = cache_file(directory / name, file_rows, row_shape)
+    warm_memory(2 * os.path.getsize(path))
+    return actvpipe.from_hdf5([path] * -(-rows // file_rows))
+
+
+def warmed(loader, batches: Iterator, size: int) -> Iterator:
+    """Serve ``size`` rows untimed: every slot has then been read once by this process (a slot's
+    first read maps its pages into the trainer, once per pass)."""
+    served = 0
+    while served < size:
+        served += len(next(batches))
+    return batches
+
+
+def p2(quick: bool, directory: Path) -> dict[tuple[int, bool], dict[str, float]]:
+    """Per thread count: seconds per batch through the loader (the buffer refilled before each
+    batch, and refilling during the batches) and of the plain copy."""
+    batch, size = 5000, 20_000  # a window of two batches keeps the fill above the warm-up's half
+    windows, per_window = (4 if quick else 8), 2
+    thread_counts = sorted({1, os.cpu_count() or 1})
+    rows = 2 * size + 2 * len(thread_counts) * (2 * windows + 2) * per_window * batch
+    stream = served_stream(directory, "p2.h5", rows, size, GPT2_SMALL_ROW)
     src, dst = torch.randn(batch, *GPT2_SMALL_ROW), torch.empty(batch, *GPT2_SMALL_ROW)
-
-    pool = OutputPool((batch, *buffer.row_shape), buffer.dtype)
-    sides = {
-        "default": lambda t: seconds_per_batch(buffer, ledger, batch, t, pool),
-        "fresh": lambda t: seconds_per_batch(buffer, ledger, batch, t, None),
-        "copy": lambda t: one_thread_seconds(lambda: dst.copy_(src), t),
-    }
-    window = 1.5 if quick else 5.0
-    try:
-        for run in sides.values():
-            run(0.5)
-        per_batch = {side: [] for side in sides}
-        for side in ("default", "fresh", "copy", "copy", "fresh", "default"):
-            per_batch[side].append(sides[side](window))
-    finally:
-        buffer.unlink()
-    nbytes = batch * int(np.prod(GPT2_SMALL_ROW)) * 4
-    default, fresh, plain = (nbytes / (sum(t) / len(t)) / 1e9 for t in per_batch.values())
-    return default, fresh, plain
+    out = {}
+    with stream.buffer(size).batch(batch) as loader:
+        batches = warmed(loader, iter(loader), size)
+        for threads in thread_counts:
+            copy = lambda: repeated(lambda: dst.copy_(src), 10)  # noqa: E731
+            for refilled in (True, False):
+                sides = {
+                    "ours": lambda r=refilled: loader_window(loader, batches, size, batch, per_window, r),
+                    "copy": copy,
+                }
+                out[threads, refilled] = with_threads(threads, lambda sides=sides: abba(sides, windows))
+    return out
 
 
-def p5(quick: bool) -> tuple[float, float]:
-    """(seconds per batch of the serving path with 10M buffered rows, seconds of a plain one-thread
-    ``index_select`` of as many random rows from a tensor of the same size), batch 1024 of small
-    rows; timed ours, plain, plain, ours."""
-    size, batch, window = 10_000_000, 1024, 2.0 if quick else 6.0
-    buffer, ledger = full_buffer(size, SMALL_ROW)
-    rows = buffer.rows  # the same memory, already faulted in
+def p5(quick: bool, directory: Path) -> dict[str, float]:
+    """Seconds per batch through the loader with ``size`` buffered rows and of the plain gather."""
+    size, batch = 2_000_000 if quick else 10_000_000, 1024
+    windows, per_window = (4 if quick else 8), 300
+    rows = 2 * size + (2 * windows + 2) * per_window * batch
+    stream = served_stream(directory, "p5.h5", rows, size // 4, SMALL_ROW)
+    out = torch.empty(batch, int(np.prod(SMALL_ROW)))
     rng = np.random.default_rng(1)
+    with stream.buffer(size).batch(batch) as loader:
+        batches = warmed(loader, iter(loader), size)
+        flat = loader._passes.run.buffer.block.rows.view(size, -1)  # the same memory as the loader's
 
-    def plain(seconds: float) -> float:
-        return one_thread_seconds(
-            lambda: torch.index_select(rows, 0, torch.from_numpy(rng.integers(0, size, batch))), seconds
-        )
+        def plain() -> float:
+            indices = iter([torch.from_numpy(rng.integers(0, size, batch)) for _ in range(per_window)])
+            return repeated(lambda: torch.index_select(flat, 0, next(indices), out=out), per_window)
 
-    pool = OutputPool((batch, *buffer.row_shape), buffer.dtype)
-
-    def ours(seconds: float) -> float:
-        return seconds_per_batch(buffer, ledger, batch, seconds, pool)
-
-    try:
-        ours(0.5), plain(0.5)
-        times = {"ours": 0.0, "plain": 0.0}
-        for side in ("ours", "plain", "plain", "ours"):
-            times[side] += (ours if side == "ours" else plain)(window)
-    finally:
-        buffer.unlink()
-    return times["ours"] / 2, times["plain"] / 2
+        sides = {"ours": lambda: loader_window(loader, batches, size, batch, per_window), "plain": plain}
+        return abba(sides, windows)
 
 
 def results(quick: bool) -> list[Result]:
-    default, fresh, copy = p2(quick)
-    large, plain = p5(quick)
-    return [
+    with tempfile.TemporaryDirectory(prefix="actvpipe-serving-") as tmp:
+        gathers = p2(quick, Path(tmp))
+        per_batch = p5(quick, Path(tmp))
+    nbytes = 5000 * int(np.prod(GPT2_SMALL_ROW)) * 4
+    rows = [
         Result(
-            "P2 batch assembly, batch 5000 GPT-2-small rows / copy_",
-            f"{default:.2f} GB/s",
-            f"{copy:.2f} GB/s",
-            default / copy,
-            ">= 0.8",
-            "default .batch(n): pooled tensors, reused once dropped",
-        ),
-        Result(
-            "P2 same, a fresh tensor per batch / copy_",
-            f"{fresh:.2f} GB/s",
-            f"{copy:.2f} GB/s",
-            fresh / copy,
-            "-",
-            "what the default did before the pool",
-        ),
-        Result(
-            "P5 per-batch cost, 10M-row buffer / plain index_select of as many random rows",
-            f"{large * 1e3:.3f} ms",
-            f"{plain * 1e3:.3f} ms",
-            large / plain,
-            "<= 1.2",
-            "batch 1024 of [2, 2, 16] rows, one thread on both sides",
-        ),
+            f"P2 serving, batch 5000 GPT-2-small rows, {threads} thread{'s' * (threads > 1)} / copy_",
+            f"{nbytes / t['ours'] / 1e9:.2f} GB/s",
+            f"{nbytes / t['copy'] / 1e9:.2f} GB/s",
+            t["copy"] / t["ours"],
+            ">= 0.8" if refilled else "-",
+            "refilled between batches" if refilled else "the generator refilling during the gathers",
+        )
+        for (threads, refilled), t in gathers.items()
     ]
+    rows.append(
+        Result(
+            "P5 per-batch cost, 10M-row buffer / index_select of as many random rows",
+            f"{per_batch['ours'] * 1e3:.3f} ms",
+            f"{per_batch['plain'] * 1e3:.3f} ms",
+            per_batch["ours"] / per_batch["plain"],
+            "<= 1.2",
+            f"batch 1024 of [2, 2, 16] rows, {torch.get_num_threads()} threads on both sides",
+        )
+    )
+    return rows
 
 
 if __name__ == "__main__":

@@ -86,22 +86,66 @@ def test_model_dtype_apart_from_buffer_dtype(model_dir, texts, model_dtype, dtyp
         actvpipe.stream(model_dir, docs, model_dtype=torch.int8)
 
 
-def test_gpu_script_runs_end_to_end_in_cpu_smoke_mode():
-    """benchmarks/gpu.py runs to its table on this machine's CPU, so the GPU script cannot rot. Its
-    comparisons are CPU rows against CPU rows here: this checks the script, not CUDA."""
+def test_gpu_sh_runs_from_its_wheel_folder_alone_in_cpu_smoke_mode(tmp_path):
+    """benchmarks/gpu.sh as the GPU machine runs it: no package index, the project never installed,
+    packages only from the "image" (this environment without what the wheel folder provides, and
+    without actvpipe) and from the wheels benchmarks/gpu_wheels.sh downloads (for this python here).
+    Each check prints as it finishes and the log file holds what was printed. The comparisons are
+    CPU rows against CPU rows here: this checks the script, not CUDA."""
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    wheels = tmp_path / "wheels"
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    subprocess.run(
+        ["bash", "benchmarks/gpu_wheels.sh"],
+        cwd=root,
+        env={**env, "GPU_PYTHON": python, "GPU_WHEELS": str(wheels)},
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    provided = {w.name.split("-")[0].lower() for w in wheels.glob("*.whl")}
+    venv = tmp_path / "image"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    image = image_without(tmp_path / "image-packages", provided | {"actvpipe"})
+    purelib = next((venv / "lib").glob("python*/site-packages"))
+    (purelib / "image.pth").write_text(f"import site; site.addsitedir({str(image)!r})\n")
+    log = tmp_path / "out" / "gpu.log"
+    settings = {"PYTHON": str(venv / "bin" / "python"), "GPU_WHEELS": str(wheels), "GPU_LOG": str(log)}
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu", "--smoke"],
+        ["bash", "benchmarks/gpu.sh", "--smoke"],
         cwd=root,
         capture_output=True,
         text=True,
-        env=env,
-        timeout=300,
+        env={**env, **settings, "GPU_SITE": str(tmp_path / "site")},
+        timeout=600,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+    installed = re.search(r"installing from .* into .*: (.*)", out.stdout)
+    assert installed and {r.split("==")[0].lower() for r in installed.group(1).split()} == provided
     assert out.stdout.count("OK  ") == 6 and "FAIL" not in out.stdout
+    assert len(re.findall(r"^time .* ms a (block|batch)", out.stdout, re.M)) == 3
     assert re.search(r"captured tokens/s / bare bf16 forward tokens/s +[\d,]+ +[\d,]+ +\d\.\d{3}", out.stdout)
+    assert log.read_text() == out.stdout
+
+
+def image_without(directory: Path, distributions: set[str]) -> Path:
+    """A directory of links to this environment's installed packages, except ``distributions``'
+    (their modules and metadata) and any editable install."""
+    from importlib import metadata
+
+    dropped = set()
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"].lower().replace("-", "_")
+        if name in {d.replace("-", "_") for d in distributions}:
+            dropped |= {Path(str(f)).parts[0] for f in dist.files or []}
+    site = Path(metadata.distribution("torch").locate_file(""))
+    directory.mkdir()
+    for entry in site.iterdir():
+        if entry.name in dropped or "editable" in entry.name or entry.name.startswith("actvpipe"):
+            continue
+        (directory / entry.name).symlink_to(entry)
+    return directory
 
 
 def test_batches_handed_over_on_a_device_are_exact_across_a_resume(model_dir, texts, monkeypatch):

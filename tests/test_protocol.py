@@ -4,14 +4,15 @@ trainer's ledger on one side and the generator's ring operations on the other.""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import actvpipe
 from actvpipe.ledger import Ledger, initial_grants
 from actvpipe.mixing import Mixing, Observed
-from actvpipe.outputs import OutputPool
-from actvpipe.shm import GeneratorView, SharedBlock, TrainerView
+from actvpipe.shm import PARALLEL_GATHER_BYTES, GeneratorView, SharedBlock, TrainerView
 
 SIZE = 16
 
@@ -140,16 +141,43 @@ def test_one_source_publishes_everything_or_exactly_the_warmup_gap():
     assert Mixing(100, 50, deterministic=True).decide(Observed(10, (70,), (False,), (0,))).allowances == (40,)
 
 
-def test_the_serving_benchmark_drives_the_real_path():
-    """benchmarks/serving.py times draw -> gather -> remove -> grant -> refill -> publish; it keeps
-    every slot in exactly one place, so its numbers are for the path the loader runs."""
-    from benchmarks.serving import full_buffer, seconds_per_batch
+def test_the_serving_benchmark_serves_its_cache_through_the_loader(tmp_path):
+    """benchmarks/serving.py times the loader's own ``next()`` on a cache it writes: the cache holds
+    the rows it says, and a window from a full buffer serves batches of them."""
+    from benchmarks.serving import cache_file, loader_window
 
-    buffer, ledger = full_buffer(SIZE * 8, (1, 1, 2))
+    path = cache_file(tmp_path / "rows.h5", 300, (2, 2, 4))
+    stream = actvpipe.from_hdf5(path)
+    with stream.buffer(100).batch(10, with_tokens=True) as loader:
+        batches = iter(loader)
+        assert loader_window(loader, batches, 100, 10, 5) > 0
+        served = [next(batches) for _ in range(3)]
+    rows = torch.cat([b.acts for b in served])
+    expected = torch.randn((300, 2, 2, 4), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(rows, expected[torch.cat([b.seq for b in served])])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_gather_copies_exactly_the_slots_rows_on_the_callers_threads(dtype, threads):
+    """Batches of at least ``PARALLEL_GATHER_BYTES`` go through ``index_select`` on torch's threads,
+    smaller ones through numpy on this thread: either way the rows of the slots, in their order, for
+    any dtype, and the caller's thread count is left as it was."""
+    row = (2, 12, 768)
+    row_bytes = int(np.prod(row)) * torch.empty((), dtype=dtype).element_size()
+    large = -(-PARALLEL_GATHER_BYTES // row_bytes)
+    block = SharedBlock.create(2 * large, row, dtype)
+    before = torch.get_num_threads()
     try:
-        for pool in (None, OutputPool((10, 1, 1, 2), torch.float32)):  # fresh tensors, the loader's pool
-            assert seconds_per_batch(buffer, ledger, 10, 0.05, pool) > 0
-            assert sorted(locations(buffer, ledger, [[]])) == list(range(SIZE * 8))
-            assert ledger.fill() == SIZE * 8
+        block.rows.copy_(torch.randn(block.rows.shape).to(dtype))
+        buffer = TrainerView(block)
+        torch.set_num_threads(threads)
+        for n in (large, 7):  # the parallel path (with 2 threads), the one-thread path
+            slots = np.random.default_rng(n).permutation(2 * large)[:n]
+            out = torch.empty((n, *row), dtype=dtype)
+            assert buffer.gather(slots, out) is out
+            assert torch.equal(out, block.rows[torch.from_numpy(slots)])
+            assert torch.get_num_threads() == threads
     finally:
-        buffer.unlink()
+        torch.set_num_threads(before)
+        block.unlink()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -59,25 +61,42 @@ def test_packing_from_a_start_point_reproduces_the_following_contexts(docs, ctx,
     assert np.array_equal(again_starts, starts[c:])
 
 
-@settings(max_examples=200)
-@given(st.integers(0, 5000), st.integers(0, 3000), st.integers(0, 2**32))
-def test_sample_positions_are_distinct_and_in_range(n, k, seed):
-    picked = sample_positions(np.random.default_rng(seed), n, k)
+@settings(max_examples=300)
+@given(st.integers(0, 5000), st.integers(0, 3000), st.integers(0, 2**32), st.booleans())
+def test_sample_positions_are_distinct_and_in_range(n, k, seed, with_scratch):
+    scratch = np.full(n, 7, dtype=np.int32) if with_scratch else None  # stale contents must not matter
+    picked = sample_positions(np.random.default_rng(seed), n, k, scratch)
     assert len(picked) == min(n, k)
     assert len(np.unique(picked)) == len(picked)
     assert picked.size == 0 or (picked.min() >= 0 and picked.max() < n)
 
 
 @pytest.mark.parametrize(("n", "k"), [(20, 3), (20, 15), (1000, 10)])
-def test_sample_positions_are_uniform(n, k):
+@pytest.mark.parametrize("with_scratch", [False, True])
+def test_sample_positions_are_uniform(n, k, with_scratch):
     rng = np.random.default_rng(0)
     counts = np.zeros(n)
     trials = 20_000
+    scratch = np.zeros(n, dtype=np.int32) if with_scratch else None
     for _ in range(trials):
-        counts[sample_positions(rng, n, k)] += 1
+        counts[sample_positions(rng, n, k, scratch)] += 1
     expected = trials * k / n
     chi2 = ((counts - expected) ** 2 / expected).sum()
     assert chi2 < n + 6 * np.sqrt(2 * n), f"chi-square {chi2:.0f} for {n - 1} degrees of freedom"
+
+
+def test_sample_positions_with_repeats_drawn_again_make_every_set_equally_likely():
+    """Not only each position: each of the C(12, 3) = 220 sets (repeats are frequent at n = 12)."""
+    rng, scratch = np.random.default_rng(1), np.zeros(12, dtype=np.int32)
+    sets = list(itertools.combinations(range(12), 3))
+    counts = dict.fromkeys(sets, 0)
+    trials = 44_000
+    for _ in range(trials):
+        counts[tuple(sorted(sample_positions(rng, 12, 3, scratch).tolist()))] += 1
+    expected = trials / len(sets)
+    chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
+    dof = len(sets) - 1
+    assert chi2 < dof + 6 * np.sqrt(2 * dof), f"chi-square {chi2:.0f} for {dof} degrees of freedom"
 
 
 @settings(max_examples=300)
