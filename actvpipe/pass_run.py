@@ -131,8 +131,8 @@ class PassRun:
         ledger.grant()
 
     def top_up(self) -> tuple[bool, bool]:
-        """Publish what the policy allows and hand out freed slots: (ready to serve, every source done
-        with nothing left to publish)."""
+        """Publish what the policy allows, and hand out freed slots unless a batch can be served:
+        (ready to serve, every source done with nothing left to publish)."""
         ledger, buffer = self.ledger, self.buffer
         ledger.mirror()
         done = tuple(buffer.done(k) for k in range(self.n_sources))  # first: rows are pushed, then done
@@ -142,9 +142,11 @@ class PassRun:
         if decision.allowances is not None:
             for k, allowance in enumerate(decision.allowances):
                 ledger.publish(k, min(allowance, pending[k]))
-        ledger.grant()
+        ready = ledger.fill() >= self.mixing.min_fill
+        if not ready:  # when ready, the sampler hands freed slots out after its gather
+            ledger.grant()
         finished = all(done) and all(ledger.pending(k) == 0 for k in range(self.n_sources))
-        return ledger.fill() >= self.mixing.min_fill, finished
+        return ready, finished
 
     def snapshot(self) -> RunSnapshot:
         """The run as monitoring sees it: one copy of the shared header, and the processes to measure."""

@@ -67,6 +67,7 @@ class BufferSampler(BaseNode[Batch]):
         try:
             draw = run.ledger.draw(self.batching.size, self._rng)
             batch = self._gather(draw.slots)
+            run.ledger.grant()  # freed slots go back after the gather, so the refill does not slow it
         except BaseException:
             self._rng.bit_generator.state = rng_state
             raise

@@ -123,24 +123,31 @@ def warm_memory(nbytes: int) -> None:
 
 
 def computed_rows_per_s(loader, it, seconds: float) -> float:
-    """Rows/s the generator computed inside a window of ``seconds`` while ``it`` is drained: rows
-    written between the first and the last block finished in the window, over that time."""
+    """Rows/s the generator computed inside a window of ``seconds`` while ``it`` is drained: rows of
+    the blocks whose forward finished after the first one that finished in the window, up to the
+    last, over the time between those two finishes (the ``computed`` counter moves when a forward
+    ends, before its rows are written; it is read after every batch, about every millisecond)."""
     finished, start = [], time.perf_counter()
     while time.perf_counter() - start < seconds:
         next(it)
-        written = loader.counters()["written"]
-        if not finished or written != finished[-1][1]:
-            finished.append((time.perf_counter(), written))
+        computed = loader.counters()["computed"]
+        if not finished or computed != finished[-1][1]:
+            finished.append((time.perf_counter(), computed))
     if len(finished) < 3:
         raise RuntimeError("fewer than two blocks finished in a window; lengthen the window")
-    (t0, w0), (t1, w1) = finished[1], finished[-1]  # finished[0]: the window's own start
-    return (w1 - w0) / (t1 - t0)
+    (t0, c0), (t1, c1) = finished[1], finished[-1]  # finished[0]: the window's own start
+    return (c1 - c0) / (t1 - t0)
 
 
-def wait_until_idle(loader) -> None:
-    """Until the generator blocks on a full buffer, so it takes no CPU from the other side."""
+def wait_until_idle(loader, timeout: float = 600.0) -> None:
+    """Until the generator is blocked: every slot of the buffer written and a computed block in its
+    hands that it cannot write, so it only sleeps in its poll for free slots and takes no CPU from
+    the other side. (Quiet for a while is not enough: a long forward is quiet too.)"""
+    deadline = time.monotonic() + timeout
     while True:
-        before = loader.counters()["written"]
-        time.sleep(0.5)
-        if loader.counters()["written"] == before:
+        c = loader.counters()
+        if c["written"] - c["served"] >= loader.buffer_size and c["computed"] > c["written"]:
             return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the generator did not block on a full buffer in {timeout:g} s: {c}")
+        time.sleep(0.01)

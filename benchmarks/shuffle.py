@@ -1,12 +1,14 @@
-"""Shuffle quality: how often two rows of one batch come from the same context, ÷ how often uniform
-sampling from the rows buffered at that moment would pair them (target 0.9 to 1.1).
+"""Shuffle quality with a buffer of 1/20 of the pass: how often two rows of one batch come from the
+same context, ÷ how often uniform sampling from the rows buffered at that moment would pair them
+(target 0.9 to 1.1), and over how many batches a context's rows spread.
 
-A pass of the demo model over the bundled corpus fits in the buffer, so once the generator has
-finished, the buffer's composition before each batch is known exactly (the rows left); each batch
-then contributes its observed same-context pairs and the pairs uniform sampling without replacement
-predicts, ``pairs(batch) * sum_i c_i (c_i - 1) / (N (N - 1))`` for ``c_i`` buffered rows of context
-``i`` out of ``N``. A loader that served rows in generation order, or block by block, would score
-far above 1.
+Before each batch the benchmark waits until the generator has written a row into every slot: it
+then cannot write more until the batch is drawn (freed slots go back after the gather), so the
+buffer's composition at the draw is known exactly. Each batch contributes its observed
+same-context pairs and the pairs uniform sampling without replacement predicts,
+``pairs(batch) * sum_i c_i (c_i - 1) / (N (N - 1))`` for ``c_i`` buffered rows of context ``i`` out
+of ``N``. A loader that served rows in generation order, or block by block, would score far
+above 1, and spread a context over one or two batches.
 
 Run: python -m benchmarks.shuffle [--quick]
 """
@@ -27,47 +29,63 @@ def same_context_pairs(seq: np.ndarray) -> int:
     return int((counts * (counts - 1) // 2).sum())
 
 
-def shuffle_ratio(texts: list[str], batch: int) -> tuple[float, float, int]:
-    """(observed same-context pairs, expected under uniform sampling, batches) over one pass."""
+def shuffle_quality(texts: list[str], batch: int) -> dict[str, float]:
+    """Observed and expected same-context pairs, batches, and the median number of batches a
+    context's rows spread over, for one pass with a buffer of a twentieth of it."""
     stream = actvpipe.stream(demo_model_dir(), texts, context_length=128, generation_batch_size=16)
+    with stream.buffer(100).batch(100, with_tokens=True) as counting:
+        rows = sum(len(b) for b in counting)
+    size = rows // 20
     observed = expected = 0.0
-    batches = 0
-    with stream.buffer(200_000).batch(batch, with_tokens=True) as loader:
+    seqs = []
+    with stream.buffer(size).batch(batch, with_tokens=True) as loader:
         it = iter(loader)
-        first = next(it)  # the warm-up: the first batch waits for half the pass
-        run, deadline = loader._passes.run, time.monotonic() + 300
-        while not run.top_up()[1]:  # publishes what arrives; True once every row of the pass is in
-            if time.monotonic() > deadline:
-                raise RuntimeError("the pass did not fit in the buffer; use fewer documents")
-            time.sleep(0.05)
-        del first
+        seqs.append(next(it).seq.numpy())
+        run = loader._passes.run
         while True:
+            deadline = time.monotonic() + 120
+            while not run.top_up()[1] and run.ledger.fill() < size:  # every slot holds a row
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the buffer did not fill")
+                time.sleep(0.002)
             seq = run.ledger.full_meta()["seq"]
             n = len(seq)
-            if n < 2:
-                break
             try:
-                got = next(it)
+                got = next(it).seq.numpy()
             except StopIteration:
                 break
             k = len(got)
-            expected += k * (k - 1) / 2 * 2 * same_context_pairs(seq) / (n * (n - 1))
-            observed += same_context_pairs(got.seq.numpy())
-            batches += 1
-    return observed, expected, batches
+            if n >= 2:
+                expected += k * (k - 1) / 2 * 2 * same_context_pairs(seq) / (n * (n - 1))
+                observed += same_context_pairs(got)
+            seqs.append(got)
+    batch_of = np.concatenate([np.full(len(s), i) for i, s in enumerate(seqs)])
+    contexts = np.concatenate(seqs)
+    spread = [len(np.unique(batch_of[contexts == c])) for c in np.unique(contexts)]
+    return {
+        "observed": observed,
+        "expected": expected,
+        "batches": len(seqs),
+        "size": size,
+        "rows": rows,
+        "spread": float(np.median(spread)),
+        "context_rows": float(np.median(np.unique(contexts, return_counts=True)[1])),
+    }
 
 
 def results(quick: bool) -> list[Result]:
-    texts = corpus_texts()[: 60 if quick else 200]
-    observed, expected, batches = shuffle_ratio(texts, 1024)
+    texts = corpus_texts()[: 100 if quick else 300]
+    q = shuffle_quality(texts, 256)
     return [
         Result(
             "shuffle quality: same-context pairs in a batch / uniform sampling's",
-            f"{observed:,.0f} pairs",
-            f"{expected:,.0f} pairs",
-            observed / expected,
+            f"{q['observed']:,.0f} pairs",
+            f"{q['expected']:,.0f} pairs",
+            q["observed"] / q["expected"],
             "0.9 to 1.1",
-            f"{batches} batches of 1024, demo model, whole pass buffered",
+            f"{q['batches']} batches of 256, buffer {q['size']:,} rows = 1/20 of the pass "
+            f"({q['rows']:,} rows); a context's {q['context_rows']:.0f} rows spread over "
+            f"{q['spread']:.0f} batches (median)",
         )
     ]
 

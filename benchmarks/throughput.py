@@ -64,7 +64,7 @@ def run(quick: bool) -> list[tuple[str, str, float, float]]:
     """[(title, target, median ratio, spread)] for the P1 model shapes, deterministic mode, and two
     models diffed (the second a differently seeded copy of the first shape)."""
     shapes = [("gpt2 4L d256", 4, 256, 4), ("gpt2-small 2L d768", 2, 768, 12)][: 1 if quick else 2]
-    context, gen_batch, window, rounds = 256, 16, 8.0, 3 if quick else 8
+    context, gen_batch, window, rounds = 256, 16, 3.0 if quick else 8.0, 8
     results = []
     for name, n_layer, d_model, heads in shapes:
         model_dir = build_gpt2(n_layer, d_model, heads)

@@ -52,7 +52,7 @@ def results(quick: bool) -> list[Result]:
     model_dir = build_gpt2(4, 256, 4)
     out_dir = Path(tempfile.mkdtemp(prefix="actvpipe-bench-write-"))
     try:
-        rounds = ratios(model_dir, out_dir, 8.0, 2 if quick else 6)
+        rounds = ratios(model_dir, out_dir, 4.0 if quick else 8.0, 8)
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)
         shutil.rmtree(out_dir, ignore_errors=True)
