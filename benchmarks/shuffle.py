@@ -2,13 +2,13 @@
 same context, ÷ how often uniform sampling from the rows buffered at that moment would pair them
 (target 0.9 to 1.1), and over how many batches a context's rows spread.
 
-Before each batch the benchmark waits until the generator has written a row into every slot: it
-then cannot write more until the batch is drawn (freed slots go back after the gather), so the
-buffer's composition at the draw is known exactly. Each batch contributes its observed
-same-context pairs and the pairs uniform sampling without replacement predicts,
-``pairs(batch) * sum_i c_i (c_i - 1) / (N (N - 1))`` for ``c_i`` buffered rows of context ``i`` out
-of ``N``. A loader that served rows in generation order, or block by block, would score far
-above 1, and spread a context over one or two batches.
+Before each batch the benchmark waits until the generator has written a row into every slot it
+was given (all but the last batch's, which go back to it after the next gather): it then cannot
+write more until the batch is drawn, so the buffer's composition at the draw is known exactly.
+Each batch contributes its observed same-context pairs and the pairs uniform sampling without
+replacement predicts, ``pairs(batch) * sum_i c_i (c_i - 1) / (N (N - 1))`` for ``c_i`` buffered
+rows of context ``i`` out of ``N``. A loader that served rows in generation order, or block by
+block, would score far above 1, and spread a context over one or two batches.
 
 Run: python -m benchmarks.shuffle [--quick]
 """
@@ -44,7 +44,7 @@ def shuffle_quality(texts: list[str], batch: int) -> dict[str, float]:
         run = loader._passes.run
         while True:
             deadline = time.monotonic() + 120
-            while not run.top_up()[1] and run.ledger.fill() < size:  # every slot holds a row
+            while not run.top_up()[1] and run.ledger.fill() < size - batch:  # every slot holds a row
                 if time.monotonic() > deadline:
                     raise RuntimeError("the buffer did not fill")
                 time.sleep(0.002)
