@@ -51,7 +51,8 @@ def write_block(
         if len(slots) == 0 and written < len(block):
             if should_stop():
                 raise _Stopped
-            time.sleep(backoff)
+            with buffer.waiting_for_slots():
+                time.sleep(backoff)
             backoff = min(2 * backoff, MAX_WAIT)
             continue
         end = written + len(slots)

@@ -57,7 +57,7 @@ HEADER = np.dtype(
 HEADER_BYTES = 1024
 assert HEADER.itemsize <= HEADER_BYTES
 # What a source is doing to the buffer (field ``op``), so that a death can be reported with it.
-OPS = ("computing or waiting", "claiming slots", "writing rows", "pushing rows")
+OPS = ("computing or waiting", "claiming slots", "writing rows", "pushing rows", "waiting for free slots")
 ERROR_BYTES = 16 * 1024  # per source
 PARALLEL_GATHER_BYTES = 8 << 20  # a batch this large is gathered on torch's intra-op threads
 META = ("row_id", "source", "seq", "pos", "token_ids", "block_seq", "block_record", "block_offset")
@@ -222,6 +222,12 @@ class GeneratorView:
     def _paused(self) -> None:
         if self.pause:
             time.sleep(self.pause)
+
+    @contextlib.contextmanager
+    def waiting_for_slots(self):
+        """Mark the source as holding rows it cannot write until the trainer frees slots."""
+        with self._op("waiting for free slots"):
+            yield
 
     def claim(self, n: int) -> np.ndarray:
         """Take up to ``n`` of the free slots the trainer handed this source (possibly none)."""

@@ -140,15 +140,16 @@ def computed_rows_per_s(loader, it, seconds: float) -> float:
 
 
 def wait_until_idle(loader, timeout: float = 600.0) -> None:
-    """Until the generator is blocked: every slot it was given written (all but the last batch's,
-    which go back to it at the next batch) and a computed block in its hands that it cannot write,
-    so it only sleeps in its poll for free slots and takes no CPU from the other side. (Quiet for a
-    while is not enough: a long forward is quiet too.)"""
+    """Until the generator is blocked: every slot it was given is written (all but the last batch's,
+    which go back to it at the next batch) and it sleeps in its poll for free slots, holding rows it
+    cannot write, so it takes no CPU from the other side. (Quiet for a while is not enough: a long
+    forward is quiet too.)"""
     full = loader.buffer_size - loader.batch_size
     deadline = time.monotonic() + timeout
     while True:
         c = loader.counters()
-        if c["written"] - c["served"] >= full and c["computed"] > c["written"]:
+        run = loader._passes.run
+        if c["written"] - c["served"] >= full and run.buffer.operation(0) == "waiting for free slots":
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"the generator did not block on a full buffer in {timeout:g} s: {c}")

@@ -10,10 +10,12 @@ finishes; buffers are sized to the free space of /dev/shm. Exits non-zero if a c
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -91,9 +93,11 @@ def checks(model_dir, device: str, context: int) -> Iterator[tuple[str, str, boo
 def captured_tokens_per_s(model_dir, device: str, context: int, gen_batch: int, seconds: float) -> float:
     """Rows/s written by a bf16 generator on ``device`` while the training loop drains the buffer,
     as tokens/s (each context yields ``context - 1`` rows)."""
+    corpus = Path(model_dir) / "corpus.jsonl"  # a file: read by actvpipe's own reader, no `datasets`
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts() * 400))
     stream = actvpipe.stream(
         model_dir,
-        corpus_texts() * 400,
+        str(corpus),
         context_length=context,
         generation_batch_size=gen_batch,
         dtype=torch.bfloat16,
@@ -102,7 +106,7 @@ def captured_tokens_per_s(model_dir, device: str, context: int, gen_batch: int, 
     )
     block = gen_batch * (context - 1)
     size = min(8 * block, shm_rows(row_bytes(stream)))
-    batch = min(4096, block, size // 4)
+    batch = max(1, min(4096, block, size // 4))
     with stream.buffer(size).batch(batch) as loader:
         it = iter(loader)
         for _ in range(4 * block // batch):
@@ -140,8 +144,8 @@ def block_breakdown(model_dir, device: str, context: int, gen_batch: int, second
     host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=device == "cuda")
     copy = timed(lambda: host.copy_(rows, non_blocking=True))
     capture.remove()
-    batch = 4096
-    size = max(batch, min(len(rows) * 4, shm_rows(host[0].nbytes)))
+    size = min(len(rows) * 4, shm_rows(host[0].nbytes))
+    batch = max(1, min(4096, size // 2))
     block = SharedBlock.create(size, tuple(rows.shape[1:]), rows.dtype)
     try:
         buffer, out = TrainerView(block), torch.empty((batch, *rows.shape[1:]), dtype=rows.dtype)

@@ -247,6 +247,8 @@ def test_loaders_in_two_processes_do_not_interfere(model_dir, texts):
 
 
 TRAINER = """
+import faulthandler, signal
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for the stacks of a hang
 import actvpipe, os, time
 docs = {docs!r} * 10  # a pass lasts seconds
 with actvpipe.stream({model!r}, docs, context_length=32).buffer(2000).batch(100) as loader:
@@ -289,7 +291,14 @@ def test_sigkilled_training_process_leaves_nothing_behind(model_dir, texts):
 def test_ctrl_c_exits_cleanly(model_dir, texts):
     proc, parent, child = start_trainer(model_dir, texts)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the trainer and its generator
-    _, err = proc.communicate(timeout=30)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGUSR1)  # its threads' stacks, to say where it hangs
+        time.sleep(2)
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        pytest.fail(f"the trainer did not exit within 30 s of Ctrl-C; its stacks:\n{err[-8000:]}")
     assert "KeyboardInterrupt" in err and "GeneratorError" not in err, err
     assert wait_gone(child, timeout=10)
     assert not shm_entries(parent)
