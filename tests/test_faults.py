@@ -102,7 +102,8 @@ def test_generator_killed_at_200_random_moments_always_surfaces(
             seen[doing] = seen.get(doing, 0) + 1
         assert not shm_entries(os.getpid()), "the block is removed"
     assert sum(outcomes) >= 180, "the kills landed before the passes finished"
-    assert set(seen) == {"computing or waiting", "claiming slots", "writing rows", "pushing rows"}, seen
+    inside = {"computing or waiting", "claiming slots", "writing rows", "pushing rows"}
+    assert inside <= set(seen) <= {*inside, "waiting for free slots"}, seen
     assert sem_entries() <= sems, "no named semaphore is created"
 
 
