@@ -249,6 +249,9 @@ def test_loaders_in_two_processes_do_not_interfere(model_dir, texts):
 TRAINER = """
 import faulthandler, signal
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for the stacks of a hang
+# Ctrl-C raises KeyboardInterrupt, as in a terminal, even when the suite was started in the
+# background by a shell without job control (which starts it, and so this process, ignoring SIGINT).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import actvpipe, os, time
 docs = {docs!r} * 10  # a pass lasts seconds
 with actvpipe.stream({model!r}, docs, context_length=32).buffer(2000).batch(100) as loader:
