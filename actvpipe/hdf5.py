@@ -285,20 +285,7 @@ class Hdf5Rows(PlannedNode[RowBlock]):
             if isinstance(dest, FileRange):
                 _write_all(dest.fd, memoryview(out), dest.offset)
             return
-        chunk_rows, offsets = table
-        row = a
-        while row < b:
-            c = row // chunk_rows
-            end = min(b, (c + 1) * chunk_rows)
-            at, nbytes = (row - a) * self.row_bytes, (end - row) * self.row_bytes
-            src = int(offsets[c]) + (row - c * chunk_rows) * self.row_bytes
-            if isinstance(dest, FileRange):
-                got = _send_all(dest.fd, file.fd, src, nbytes, dest.offset + at)
-            else:
-                got = os.preadv(file.fd, [dest.reshape(-1)[at : at + nbytes]], src)
-            if got != nbytes:
-                raise OSError(f"hdf5: short read from {self.files[i].path!r}; the file changed while reading")
-            row = end
+        copy_raw_rows(file.fd, table, self.row_bytes, a, b, dest, self.files[i].path)
 
     def close(self) -> None:
         """Close the files (at the end of the pass, or when the reader is abandoned)."""
@@ -340,6 +327,33 @@ class _OpenFile:
     def close(self) -> None:
         self.h5.close()
         os.close(self.fd)
+
+
+def copy_raw_rows(
+    fd: int,
+    table: tuple[int, np.ndarray],
+    row_bytes: int,
+    a: int,
+    b: int,
+    dest: np.ndarray | FileRange,
+    path: str,
+) -> None:
+    """Rows ``a:b`` of an unfiltered file (``fd``, its ``_chunk_table``) into ``dest``, chunk by chunk:
+    by ``preadv`` into an array, by ``sendfile`` into a ``FileRange``."""
+    chunk_rows, offsets = table
+    row = a
+    while row < b:
+        c = row // chunk_rows
+        end = min(b, (c + 1) * chunk_rows)
+        at, nbytes = (row - a) * row_bytes, (end - row) * row_bytes
+        src = int(offsets[c]) + (row - c * chunk_rows) * row_bytes
+        if isinstance(dest, FileRange):
+            got = _send_all(dest.fd, fd, src, nbytes, dest.offset + at)
+        else:
+            got = os.preadv(fd, [dest.reshape(-1)[at : at + nbytes]], src)
+        if got != nbytes:
+            raise OSError(f"hdf5: short read from {path!r}; the file changed while reading")
+        row = end
 
 
 def _send_all(out_fd: int, in_fd: int, src: int, nbytes: int, dst: int) -> int:

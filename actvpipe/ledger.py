@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from actvpipe.age_bound import AgeBound
 from actvpipe.shm import TrainerView, fence
 from actvpipe.slots import remove_positions, sample_positions
 
@@ -30,6 +31,7 @@ class Counts(NamedTuple):
     frontiers: tuple[int, ...]  # one past the id of each source's latest published row
     served: int
     batches: int
+    oldest: int = 0  # the age bound's search start (see ``AgeBound.overdue``)
     saved_order: np.ndarray | None = None  # the saved buffer's row keys in order, until its rows are back
 
 
@@ -49,6 +51,7 @@ class Draw:
     slots: np.ndarray
     positions: np.ndarray
     rng_state: dict[str, Any]
+    oldest: int = 0
 
 
 class Ledger:
@@ -64,9 +67,10 @@ class Ledger:
         batches: int = 0,
         saved_order: np.ndarray | None = None,
         next_blocks: list[tuple[int, int, int]] | None = None,
+        max_age_rows: int | None = None,
     ):
         """``next_blocks``: where each source starts (seq, record, offset), what a state saved before it
-        writes anything records."""
+        writes anything records. ``max_age_rows``: the age bound, if any (see ``AgeBound``)."""
         self.buffer = buffer
         self.caps = list(caps)
         n = buffer.n_sources
@@ -78,6 +82,7 @@ class Ledger:
             base += grants[k]
         self.pool = np.empty(buffer.size, dtype=np.int64)  # pages are touched only as slots return
         self.scratch = np.empty(buffer.size, dtype=np.int32)  # for ``sample_positions``
+        self.age = None if max_age_rows is None else AgeBound(buffer.size, max_age_rows)
         self.counts = Counts(
             n_full=0,
             pool=0,
@@ -115,6 +120,8 @@ class Ledger:
             return 0
         slots = self.buffer.written_slots(source, c.published[source], n)
         self.buffer.full[c.n_full : c.n_full + n] = slots
+        if self.age is not None:
+            self.age.published(slots, sum(c.pass_published), c.n_full)
         frontier = int(self.buffer.meta["row_id"][slots[-1]]) + 1  # generation order: the last is newest
         self._commit(
             n_full=c.n_full + n,
@@ -124,23 +131,33 @@ class Ledger:
         )
         return n
 
-    def publish_restored(self, counts: list[int], place: Any) -> None:
+    def publish_restored(self, counts: list[int], place: Any, published_at: np.ndarray | None) -> None:
         """Make the first ``counts[k]`` rows of each source sampleable in the order ``place(slots)``
-        gives (the restored buffer's order). They were buffered before the save: no frontier moves."""
+        gives (the restored buffer's order), with their saved publish indices (for the age bound).
+        They were buffered before the save: no frontier moves."""
         c = self.counts
         slots = np.concatenate(
             [self.buffer.written_slots(k, c.published[k], n) for k, n in enumerate(counts)]
         )
         ordered = place(slots)
         self.buffer.full[c.n_full : c.n_full + len(ordered)] = ordered
+        oldest = c.oldest
+        if self.age is not None:
+            self.age.restored(ordered, published_at, c.n_full)
+            oldest = self.age.oldest
         published = tuple(p + n for p, n in zip(c.published, counts, strict=True))
-        self._commit(n_full=c.n_full + len(ordered), published=published, saved_order=None)
+        self._commit(n_full=c.n_full + len(ordered), published=published, saved_order=None, oldest=oldest)
 
     def draw(self, n: int, rng: np.random.Generator) -> Draw:
         """Pick up to ``n`` uniformly random full slots (nothing changes until ``remove``)."""
-        state = rng.bit_generator.state
-        positions = sample_positions(rng, self.counts.n_full, n, self.scratch)
-        return Draw(self.buffer.full[positions], positions, state)
+        c, state = self.counts, rng.bit_generator.state
+        if self.age is None:
+            positions = sample_positions(rng, c.n_full, n, self.scratch)
+            return Draw(self.buffer.full[positions], positions, state)
+        self.age.oldest = c.oldest
+        over, oldest = self.age.overdue(sum(c.pass_published), min(n, c.n_full), self.buffer.full, c.n_full)
+        positions = self.age.positions(rng, c.n_full, over, n, self.scratch)
+        return Draw(self.buffer.full[positions], positions, state, oldest)
 
     def remove(self, draw: Draw) -> None:
         """Take a drawn batch's slots out of the full list into the pool (the rows were copied out).
@@ -153,11 +170,17 @@ class Ledger:
         self.pool[c.pool : c.pool + n] = draw.slots
         try:
             remove_positions(self.buffer.full, c.n_full, draw.positions)  # one store into the list
-            served, batches = c.served + n, c.batches + 1
-            self.counts = c._replace(n_full=c.n_full - n, pool=c.pool + n, served=served, batches=batches)
+            if self.age is not None:
+                self.age.removed(draw.positions, self.buffer.full, c.n_full - n)
+            served, batches, oldest = c.served + n, c.batches + 1, max(c.oldest, draw.oldest)
+            self.counts = c._replace(
+                n_full=c.n_full - n, pool=c.pool + n, served=served, batches=batches, oldest=oldest
+            )
         except BaseException:
             if self.counts is c:  # interrupted before the commit: put the drawn slots back
                 self.buffer.full[draw.positions] = draw.slots
+                if self.age is not None:
+                    self.age.unremoved(self.buffer.full, c.n_full - n, c.n_full)
             raise
 
     def grant(self) -> None:
@@ -195,6 +218,12 @@ class Ledger:
     def full_meta(self) -> dict[str, np.ndarray]:
         """Provenance of every sampleable row, in the full list's order."""
         return self.buffer.meta_of(self.buffer.full[: self.counts.n_full])
+
+    def published_indices(self) -> np.ndarray | None:
+        """Publish index of every sampleable row, in the full list's order (with an age bound)."""
+        if self.age is None:
+            return None
+        return self.age.published_at[self.buffer.full[: self.counts.n_full]]
 
     def continuations(self) -> list[tuple[int, int, int]]:
         return [self.buffer.continuation(k, self.counts.published[k]) for k in range(self.buffer.n_sources)]

@@ -10,6 +10,7 @@ over to an accelerator. The loader creates everything that opens a process, a fi
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -104,6 +105,7 @@ class ActivationLoader:
             fraction=buffered.hdf5_fraction,
             deterministic=self.spec.deterministic,
             disk_rows=sum(f.rows for disk in buffered.disk for f in disk.files),
+            max_age_rows=None if buffered.max_age is None else math.ceil(buffered.max_age * buffered.size),
         )
         self._mixing = mixing
         self._passes = Passes(self.sources, self.options, mixing, buffered.progress_timeout)
@@ -139,6 +141,7 @@ class ActivationLoader:
             "hdf5_fraction": self._mixing.fraction,
             "normalize": buffered.normalize,
             "stats_rows": buffered.stats_rows if buffered.normalize else None,
+            "max_age": buffered.max_age,
         }
 
     def start(self) -> ActivationLoader:

@@ -20,7 +20,7 @@ from torchdata.nodes.loader import LoaderIterator
 
 from actvpipe.resume import ResumePlan
 
-STATE_VERSION = 5
+STATE_VERSION = 6
 BUFFER_KEY = "buffer"  # the sampler node's state: {"buffer": BufferState fields}
 NESTING_KEYS = ("source", "it_state")  # how our nodes and torchdata's Mapper nest their child's state
 
@@ -41,6 +41,7 @@ class BufferState:
     buffered_source: torch.Tensor  # uint8 source index per buffered row
     blocks: list[torch.Tensor]  # per source [m, 3]: block seq, record, offset (ascending)
     buffered_tokens: str  # ``tokens_digest`` of the buffered rows' token ids, in buffer order
+    buffered_published: torch.Tensor | None = None  # with an age bound: each row's publish index
 
     @classmethod
     def capture(
@@ -52,8 +53,10 @@ class BufferState:
         frontiers: list[int],
         buffered_meta: dict[str, np.ndarray],
         continuations: list[tuple[int, int, int]],
+        published_at: np.ndarray | None = None,
     ) -> BufferState:
-        """A few integers per source plus 5 to 9 bytes per buffered row (never the rows)."""
+        """A few integers per source plus 5 to 9 bytes per buffered row, 8 more with an age bound
+        (never the rows)."""
         ids, sources = buffered_meta["row_id"], buffered_meta["source"]
         starts = np.stack([buffered_meta[k] for k in ("block_seq", "block_record", "block_offset")], axis=1)
         blocks = []
@@ -73,6 +76,7 @@ class BufferState:
             buffered_source=torch.from_numpy(sources.astype(np.uint8)),
             blocks=blocks,
             buffered_tokens=tokens_digest(buffered_meta["token_ids"]),
+            buffered_published=None if published_at is None else torch.from_numpy(published_at.copy()),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,6 +85,10 @@ class BufferState:
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> BufferState:
         return cls(**state[BUFFER_KEY])
+
+    def published_indices(self) -> np.ndarray | None:
+        """The buffered rows' publish indices, in buffer order (None without an age bound)."""
+        return None if self.buffered_published is None else self.buffered_published.numpy()
 
     def plans(self) -> tuple[list[ResumePlan], np.ndarray]:
         """Each source's plan, and the buffered rows' keys (``row_id * n_sources + source``) in

@@ -48,6 +48,7 @@ class Mixing:
     fraction: float | None = None
     deterministic: bool = False
     disk_rows: int = 0
+    max_age_rows: int | None = None  # rows published before a row is served first (``AgeBound``)
 
     def initial_caps(self, published: tuple[int, ...]) -> tuple[int, ...]:
         """Caps for a run starting with ``published`` rows already published in the pass."""

@@ -37,12 +37,14 @@ class PassRun:
         batches: int = 0,
         saved_order: np.ndarray | None = None,
         saved_tokens: str | None = None,
+        saved_published: np.ndarray | None = None,
         *,
         progress_timeout: float,
     ):
         """``progress_timeout``: seconds a wait for rows may pass without any source producing one
         before it raises ``GeneratorError`` (a generator alive but stuck)."""
         self.mixing, self.progress_timeout, self.saved_tokens = mixing, progress_timeout, saved_tokens
+        self.saved_published = saved_published
         self.sources, self.n_sources = list(sources), len(sources)
         dtype, row_shape = sources[0].dtype, sources[0].row_shape
         self._restore_counts = [len(plan.buffered) for plan in plans]
@@ -54,7 +56,14 @@ class PassRun:
         try:
             self.buffer = TrainerView(block)
             self.ledger = Ledger(
-                self.buffer, list(caps), list(frontiers), list(published), batches, saved_order, starts
+                self.buffer,
+                list(caps),
+                list(frontiers),
+                list(published),
+                batches,
+                saved_order,
+                starts,
+                mixing.max_age_rows,
             )
             self.generators = GeneratorRun(sources, options, self.buffer, plans)  # it owns the block now
         except BaseException:
@@ -126,7 +135,7 @@ class PassRun:
                 )
             return ordered
 
-        ledger.publish_restored(self._restore_counts, place)
+        ledger.publish_restored(self._restore_counts, place, self.saved_published)
         ledger.caps = list(self.mixing.initial_caps(ledger.counts.pass_published))
         ledger.grant()
 

@@ -46,7 +46,8 @@ class Passes:
             plans, order = state.plans()
             self.run = PassRun(
                 self.sources, self.options, self.mixing, plans, state.frontiers, state.published,
-                state.batches, order, state.buffered_tokens, progress_timeout=self.progress_timeout,
+                state.batches, order, state.buffered_tokens, state.published_indices(),
+                progress_timeout=self.progress_timeout,
             )  # fmt: skip
         self.started_for = saved
         return self.run

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 from torchdata.nodes import Prefetcher
 
+from actvpipe.cache_restore import CachedThenComputed, split_plan
 from actvpipe.capture import ActivationCapture, CaptureNode, MultiModelCapture
 from actvpipe.generator_node import PlannedNode
 from actvpipe.models import load_model, load_tokenizer
@@ -30,7 +31,11 @@ def build_rows_graph(
 ) -> PlannedNode[RowBlock]:
     """Load model and tokenizer, then: this rank's documents -> packed contexts per the plan
     (tokenized in a background thread) -> captured rows (on the device ``Placement`` picks) -> plan
-    filter -> the write-through cache file of ``options``, if any."""
+    filter -> the write-through cache file of ``options``, if any. A restore with that file reads the
+    buffered rows it holds back from it, and computes only the rest (see ``cache_restore``)."""
+    cached = None
+    if options.write_hdf5 is not None:
+        plan, cached = split_plan(options.write_hdf5, plan, spec.context_length, spec.first_pos)
     models = [load_model(source, spec.compute_dtype, "cpu") for source in spec.sources]
     together = models[0] if len(models) == 1 else nn.ModuleList(models)  # moved between devices as one
     placement = Placement(together, options.device, options.watermarks, fill, report)
@@ -53,6 +58,7 @@ def build_rows_graph(
     if options.write_hdf5 is None:
         return rows
     attrs = spec.file_attrs()
-    return WriteThrough(
+    rows = WriteThrough(
         rows, options.write_hdf5, spec.row_shape, spec.dtype, attrs, spec.context_length, spec.first_pos
     )
+    return rows if cached is None else CachedThenComputed(cached, rows)

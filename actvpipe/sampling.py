@@ -110,4 +110,5 @@ class BufferSampler(BaseNode[Batch]):
             frontiers=list(counts.frontiers),
             buffered_meta=ledger.full_meta(),
             continuations=ledger.continuations(),
+            published_at=ledger.published_indices(),
         ).to_dict()

@@ -192,6 +192,7 @@ class ActivationStream:
         stats_rows: int = STATS_ROWS,
         write_hdf5: str | os.PathLike | None = None,
         progress_timeout: float = 600.0,
+        max_age: float | None = None,
     ) -> BufferedStream:
         """A shuffle buffer of ``size`` rows; batches are served while it holds ``warmup * size`` rows.
 
@@ -207,6 +208,10 @@ class ActivationStream:
         (README, "Write-through cache"). Only the generator process writes it.
         ``progress_timeout``: a wait for rows during which no generator produces one for this many
         seconds raises ``GeneratorError`` naming what each was doing (a hung read, a stuck model).
+        ``max_age`` bounds a row's stay: a row published ``max_age * size`` rows ago is served in the
+        next batch, mixed in with uniform draws (None: no bound). A restore then re-runs about
+        ``max_age`` buffers' worth of blocks instead of ~ln(rows per block); 2 is the value README
+        measures (README, "Restore cost").
         """
         check_positive_int("size", size)
         check_shared_memory(size, self.spec.row_shape, self.spec.dtype, 1 + (hdf5 is not None))
@@ -225,6 +230,12 @@ class ActivationStream:
             isinstance(progress_timeout, int | float) and progress_timeout > 0
         ):
             raise ValueError(f"progress_timeout: expected seconds > 0, got {progress_timeout!r}")
+        if max_age is not None and (
+            isinstance(max_age, bool) or not isinstance(max_age, int | float) or not max_age > 0
+        ):
+            raise ValueError(
+                f"max_age: expected buffer turnovers > 0 (say 2), or None for no bound; got {max_age!r}"
+            )
         disk = () if hdf5 is None else (self._disk_source(hdf5, hdf5_fraction),)
         options = self.options
         if write_hdf5 is not None:
@@ -242,6 +253,7 @@ class ActivationStream:
             normalize,
             stats_rows,
             float(progress_timeout),
+            None if max_age is None else float(max_age),
         )
 
     def stats(self, rows: int = STATS_ROWS) -> ActivationStats:
@@ -289,6 +301,7 @@ class BufferedStream:
     normalize: str | None
     stats_rows: int
     progress_timeout: float
+    max_age: float | None = None
 
     @property
     def spec(self) -> RowSource:

@@ -18,9 +18,12 @@ from conftest import read_line
 from torchdata.nodes import BaseNode, Loader
 
 import actvpipe
+from actvpipe.cache_restore import CachedThenComputed, split_plan
 from actvpipe.generator import GeneratorError
 from actvpipe.hdf5 import open_cache_file
 from actvpipe.hdf5_writer import Hdf5RowWriter
+from actvpipe.loader_state import LoaderState
+from actvpipe.records import RowBlock
 from actvpipe.resume import ResumePlan
 from actvpipe.spec import GeneratorOptions
 from actvpipe.write_through import WriteThrough
@@ -182,6 +185,7 @@ def test_a_killed_run_restored_from_its_state_continues_the_file(stream, referen
 WRITER = """
 import sys, numpy as np, torch
 from actvpipe.hdf5_writer import Hdf5RowWriter
+from actvpipe.loader_state import LoaderState
 from actvpipe.records import RowBlock
 path, seed = sys.argv[1], int(sys.argv[2])
 writer = (Hdf5RowWriter(path, (2, 3, 8), torch.float32, {"layers": [0, 1, 2], "d_model": 8}, durable=True)
@@ -295,3 +299,90 @@ def test_a_restore_must_continue_the_file_its_run_wrote(stream, tmp_path):
     with pytest.raises(ValueError, match=r"short.h5' holds 10 rows"):
         loader.load_state_dict(state)
     assert written > 10
+
+
+def test_a_restore_reads_the_buffered_rows_back_from_the_cache_and_computes_one_block(
+    model_dir, texts, tmp_path
+):
+    """After five buffer turnovers the buffer holds survivors of many blocks. A restore with the
+    write-through file reads them back from it and runs the model only from the block streaming
+    continues from; the rest of the pass is bitwise the uninterrupted run's, and the file equals that
+    run's file. The old code re-ran every block holding a buffered row: its ``computed`` count is
+    several blocks over the bound asserted here."""
+    ctx, gen_batch = CTX, 4
+    stream = actvpipe.stream(
+        model_dir, texts, context_length=ctx, generation_batch_size=gen_batch, deterministic=True
+    )
+
+    def make_loader(path):
+        return stream.buffer(600, write_hdf5=path).batch(50, with_tokens=True)
+
+    with make_loader(tmp_path / "whole.h5") as whole:
+        expected = list(whole)
+    path = tmp_path / "acts.h5"
+    with make_loader(path) as first:
+        batches = iter(first)
+        head = [next(batches) for _ in range(60)]
+        state = pickle.loads(pickle.dumps(first.state_dict()))
+    saved = LoaderState.from_dict(state).buffer
+    blocks = saved.blocks[0].numpy()
+    assert len(blocks) >= 6, "the saved buffer must hold rows of many blocks for this test to mean anything"
+    resumed = make_loader(path)
+    resumed.load_state_dict(state)
+    with resumed:
+        rest = list(resumed)
+        computed = resumed.counters()["computed"]
+    got = head + rest
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a.seq, b.seq) and torch.equal(a.pos, b.pos) and torch.equal(a.acts, b.acts)
+    total = sum(len(b) for b in expected)
+    continues_at = int(blocks[-1, 0]) * (ctx - 1)
+    assert computed == total - continues_at, "computed more than the blocks from the continuation on"
+    with h5py.File(path, "r") as got_file, h5py.File(tmp_path / "whole.h5", "r") as ref:
+        for key in ("activations", "token_ids", "seq", "pos", "stats/mean"):
+            assert np.array_equal(got_file[key][:], ref[key][:]), key
+
+
+def test_rows_the_cache_lacks_are_recomputed_from_their_blocks(tmp_path):
+    """``split_plan`` on a file missing the rows of context 3 (as a file with excluded tokens or a
+    gap would): the buffered rows it holds are read back with their own meta and bytes, and the plan
+    keeps exactly the block holding the missing rows plus the one streaming continues from."""
+    ctx, first_pos, per_context = 5, 1, 4
+    path = tmp_path / "cache.h5"
+    writer = Hdf5RowWriter(path, (2, 1, 3), torch.float32, {"layers": [0], "d_model": 3}, durable=True)
+    written = {}
+    for seq in range(10):
+        if seq == 3:
+            continue
+        ids = np.arange(seq * per_context, (seq + 1) * per_context)
+        rows = torch.randn(per_context, 2, 1, 3)
+        meta = {"row_id": ids, "seq": np.full(4, seq), "pos": np.arange(1, ctx), "token_ids": 100 + ids}
+        writer.write(RowBlock(rows, meta))
+        written.update(zip(ids.tolist(), rows, strict=True))
+    blocks = np.array([[s, 10 * s, s] for s in (0, 2, 4, 6, 8)])
+    buffered = np.array([5, 6, 13, 14, 29, 31])  # contexts 1, 3 (not in the file) and 7
+    plan = ResumePlan(frontier=32, buffered=buffered, blocks=blocks)
+    rest, cached = split_plan(str(path), plan, ctx, first_pos)
+    assert np.array_equal(rest.buffered, [13, 14]) and rest.frontier == 32
+    assert np.array_equal(rest.blocks, blocks[[1, 4]])
+    assert np.array_equal(cached.meta["row_id"], [5, 6, 29, 31])
+    assert np.array_equal(cached.meta["token_ids"], [105, 106, 129, 131])
+    assert np.array_equal(cached.meta["block_seq"], [0, 0, 6, 6])
+    assert np.array_equal(cached.meta["block_record"], [0, 0, 60, 60])
+    node = CachedThenComputed(cached, _Empty())
+    node.reset()
+    block = next(node)
+    out = np.empty((4, 2, 1, 3), np.float32)
+    block.read_into(out.view(np.uint8), 0, 4)
+    assert np.array_equal(out, torch.stack([written[i] for i in (5, 6, 29, 31)]).numpy())
+    with pytest.raises(StopIteration):
+        next(node)
+
+
+class _Empty(BaseNode):
+    def next(self):
+        raise StopIteration
+
+    def get_state(self):
+        return {}
