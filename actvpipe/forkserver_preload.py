@@ -1,19 +1,13 @@
-"""What the fork server imports once, so that a generator forked from it does not: the generator,
-the live stream's pipeline and the model classes it loads. Imported last, it then marks the server
+"""What every generator needs, imported once by the fork server so that a generator forked from it
+does not: the generator, the file reader and the live pipeline's own modules (transformers is
+preloaded only for live runs: ``generator.LIVE_PRELOAD``). Imported last, it then marks the server
 ready (``generator.ready_marker``): until then the trainer spawns generators instead of waiting."""
 
 import atexit
 import contextlib
 import os
 
-from transformers import (  # noqa: F401
-    AutoConfig,
-    AutoModel,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-)
-
+import actvpipe.hdf5
 import actvpipe.pipeline  # noqa: F401
 from actvpipe.generator import ready_marker
 

@@ -113,18 +113,25 @@ def _running(process: psutil.Process) -> bool:
         return False
 
 
-def _context() -> mp.context.BaseContext:
+# What a live stream's generator imports beyond every generator's needs (``forkserver_preload``):
+# the fork server preloads them only when a live stream launches it.
+LIVE_PRELOAD = ("transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto")
+
+
+def _context(live: bool) -> mp.context.BaseContext:
     """Fork generators from a fork server once it is ready; spawn them until then.
 
-    The server imports torch, transformers and actvpipe once (``forkserver_preload``), so a
-    generator forked from it starts in milliseconds. It is launched on first use without waiting
-    for those imports, and a generator is spawned (started at once, importing in parallel) until the
-    server says it is ready, so no ``start()`` waits for the server's imports.
+    The server imports once what every generator needs (``forkserver_preload``), and, when a run
+    with a live source launches it, transformers' model and tokenizer classes, so a generator forked
+    from it starts in milliseconds. A run reading only files never loads transformers anywhere (a
+    live run forking later from such a server imports it in its generator). The server is launched
+    on first use without waiting for those imports, and a generator is spawned (started at once,
+    importing in parallel) until the server says it is ready, so no ``start()`` waits for them.
     """
     pid = forkserver_pid()
     if pid is not None:
         return mp.get_context("forkserver" if os.path.exists(ready_marker(pid)) else "spawn")
-    forkserver.set_forkserver_preload(["actvpipe.forkserver_preload"])
+    forkserver.set_forkserver_preload([*(LIVE_PRELOAD if live else ()), "actvpipe.forkserver_preload"])
     forkserver.ensure_running()
     return mp.get_context("spawn")
 
@@ -179,7 +186,7 @@ class GeneratorRun:
         buffer: TrainerView,
         plans: Sequence[ResumePlan],
     ):
-        ctx = _context()
+        ctx = _context(live=any(not source.from_disk for source in sources))
         self.buffer, block = buffer, buffer.block
         pause = float(os.environ.get(PAUSE_VARIABLE, 0))
         self.processes = []

@@ -54,19 +54,23 @@ def model_bytes(model_dir) -> int:
     return sum(p.numel() * 4 for p in model.parameters())
 
 
-def peak_memory(model_dir, buffer_bytes: int) -> tuple[int, int]:
-    """(peak PSS of the training and generator processes, buffer bytes + model bytes), sampled by a
-    thread from before ``start()`` until ``close()`` returns (start-up transients included) while
-    the buffer fills and batches are served."""
+def peak_memory(model_dir, buffer_bytes: int) -> tuple[int, int, dict[str, int]]:
+    """(peak PSS of the training and generator processes, buffer bytes + model bytes, the peak of
+    each process by role), sampled by a thread from before ``start()`` until ``close()`` returns
+    (start-up transients included) while the buffer fills and batches are served."""
     stream = actvpipe.stream(model_dir, corpus_texts() * 20, context_length=256, generation_batch_size=16)
     size = rows_for(stream, buffer_bytes)
     expected = buffer_nbytes(size, stream.row_shape, stream.spec.dtype) + model_bytes(model_dir)
     peak, done = [0], threading.Event()
+    roles: dict[str, int] = {}
 
     def sample() -> None:
         while not done.is_set():
             pids = [os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))]
             peak[0] = max(peak[0], memory_of(pids))
+            for pid in pids:
+                role = role_of(pid)
+                roles[role] = max(roles.get(role, 0), memory_of([pid]))
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -80,7 +84,24 @@ def peak_memory(model_dir, buffer_bytes: int) -> tuple[int, int]:
     finally:
         done.set()
         sampler.join()
-    return peak[0], expected
+    return peak[0], expected, roles
+
+
+def role_of(pid: int) -> str:
+    """What a process of the run is: this training process, the fork server (our child), a generator
+    (forked by it, or spawned), or the resource tracker (by its command line)."""
+    if pid == os.getpid():
+        return "trainer"
+    try:
+        process = psutil.Process(pid)
+        line = " ".join(process.cmdline())
+    except psutil.Error:
+        return "other"
+    if "forkserver" in line:
+        return "fork server" if process.ppid() == os.getpid() else "generator"
+    if "resource_tracker" in line:
+        return "resource tracker"
+    return "generator"
 
 
 def results(quick: bool) -> list[Result]:
@@ -90,7 +111,7 @@ def results(quick: bool) -> list[Result]:
     small, large = (start_ms(stream, n << 30, 3) for n in (1, 16))
     model_dir = build_gpt2(4, 256, 4, n_positions=256)
     try:
-        peak, expected = peak_memory(model_dir, (1 if quick else 12) << 30)
+        peak, expected, roles = peak_memory(model_dir, (1 if quick else 12) << 30)
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)
     gib = 1 << 30
@@ -110,7 +131,7 @@ def results(quick: bool) -> list[Result]:
             f"{expected / gib:.2f} GiB",
             peak / expected,
             "<= 1.1",
-            "includes the Python interpreters with torch",
+            "peak PSS by process: " + ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in sorted(roles.items())),
         ),
     ]
 

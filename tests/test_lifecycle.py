@@ -378,3 +378,42 @@ def test_a_generator_that_makes_no_progress_raises_instead_of_hanging(model_dir)
             next(iter(loader))
         assert 3 <= time.monotonic() - began < 60
     assert "reading its data or running the model" in str(error.value)
+
+
+SERVER_LIBRARIES = """
+import sys, time, actvpipe
+import os
+from actvpipe.generator import forkserver_pid, ready_marker
+if sys.argv[2] == "files":
+    stream = actvpipe.from_hdf5(sys.argv[1])
+else:
+    stream = actvpipe.stream(sys.argv[1], ["a b c"] * 50, context_length=8)
+with stream.buffer(200).batch(10) as loader:
+    next(iter(loader))
+deadline = time.monotonic() + 120
+while not os.path.exists(ready_marker(forkserver_pid())) and time.monotonic() < deadline:
+    time.sleep(0.1)
+with open(f"/proc/{forkserver_pid()}/maps") as f:
+    maps = f.read()
+print("transformers" in sys.modules, "tokenizers" in maps)
+"""
+
+
+def test_a_run_reading_files_loads_transformers_in_no_process(model_dir, texts, tmp_path):
+    """A training process serving from files, and the fork server it launches, never load
+    transformers (its tokenizers library is mapped in the server only when a live run launches
+    it). The old preload imported transformers' model and tokenizer classes for every run."""
+    path = tmp_path / "rows.h5"
+    actvpipe.stream(model_dir, texts[:4], context_length=16).to_hdf5(path, progress=False)
+    outputs = {}
+    for kind, source in (("files", str(path)), ("live", str(model_dir))):
+        done = subprocess.run(
+            [sys.executable, "-c", SERVER_LIBRARIES, source, kind],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        outputs[kind] = done.stdout.split()
+    assert outputs["files"] == ["False", "False"]
+    assert outputs["live"] == ["True", "True"]
