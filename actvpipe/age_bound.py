@@ -22,8 +22,8 @@ class AgeBound:
 
     def __init__(self, size: int, max_rows: int):
         self.max_rows = max_rows
-        # Live rows span at most ~max_rows + size publications (plus a batch of backlog); a row whose
-        # log entry is overwritten sooner only stops being forced out, which no result depends on.
+        # A live row is at most max_rows + size + batch - 1 publications old (batch <= size), so its
+        # entry outlives it.
         self.capacity = max_rows + 2 * size
         self.published_at = np.full(size, -1, dtype=np.int64)
         self.position = np.zeros(size, dtype=np.int64)

@@ -2,8 +2,9 @@
 wrote (every row is committed there before it can be served) instead of re-running the blocks that
 produced them; only the block streaming continues from is computed again.
 
-Rows the file does not hold (a file cut short, or a foreign one that passed the checks) are
-regenerated from their blocks as without a cache, so the restore is exact either way.
+The file holds rows of this very stream: its attributes, the weights' and data's content digest
+included, matched the stream's before the run started (``check_write_target``). Rows it does not
+hold (a file cut short) are regenerated from their blocks as without a cache.
 """
 
 from __future__ import annotations
@@ -118,13 +119,17 @@ class CachedThenComputed(PlannedNode[RowBlock]):
     def next(self) -> RowBlock:
         lo = self._next
         if lo >= len(self.cached.file_rows):
-            self._close_file()
-            return next(self.rest)
+            try:
+                return next(self.rest)
+            except StopIteration:
+                self._close_file()
+                raise
         hi = self._next = min(len(self.cached.file_rows), lo + self.block_rows)
         meta = {k: v[lo:hi] for k, v in self.cached.meta.items()}
-        return RowBlock(None, meta, read_into=functools.partial(self._read, self.cached.file_rows[lo:hi]))
+        read = functools.partial(self._read, self._fd, self.cached.file_rows[lo:hi])
+        return RowBlock(None, meta, read_into=read)
 
-    def _read(self, file_rows: np.ndarray, dest: np.ndarray | FileRange, lo: int, hi: int) -> None:
+    def _read(self, fd: int, file_rows: np.ndarray, dest: np.ndarray | FileRange, lo: int, hi: int) -> None:
         """Rows ``lo:hi`` of a block (file rows ``file_rows``) into ``dest``, a read per run of
         consecutive file rows."""
         c, part = self.cached, file_rows[lo:hi]
@@ -135,7 +140,7 @@ class CachedThenComputed(PlannedNode[RowBlock]):
                 if isinstance(dest, FileRange)
                 else dest.reshape(-1)[a * c.row_bytes : b * c.row_bytes]
             )
-            copy_raw_rows(self._fd, c.chunks, c.row_bytes, int(part[a]), int(part[b - 1]) + 1, into, c.path)
+            copy_raw_rows(fd, c.chunks, c.row_bytes, int(part[a]), int(part[b - 1]) + 1, into, c.path)
 
     def _close_file(self) -> None:
         if self._fd is not None:

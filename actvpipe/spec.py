@@ -11,6 +11,8 @@ never change a row, so a state saved under some options restores under others. B
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol
@@ -181,16 +183,19 @@ class StreamSpec:
                 out[option.name] = plain(value)
         return out
 
-    def fingerprint(self) -> dict[str, object]:
-        """The options a saved state must match to be restored, and the content of the model and the
-        data (a state restored onto changed data or weights would regenerate other rows)."""
+    def content(self) -> dict[str, object]:
+        """What the model, the tokenizer and the data are (see ``models``, ``documents``)."""
         models = [s.content for s in self.sources] if self.diffing else self.model.content
-        content = {
+        return {
             "model_content": models,
             "tokenizer_content": self.sources[0].tokenizer_content,
             "dataset_content": self.dataset.content,
         }
-        return {**self.options("restore"), **content}
+
+    def fingerprint(self) -> dict[str, object]:
+        """The options a saved state must match to be restored, and the content of the model and the
+        data (a state restored onto changed data or weights would regenerate other rows)."""
+        return {**self.options("restore"), **self.content()}
 
     def file_attrs(self) -> dict[str, object]:
         """What a cache file records about how its rows were made: the options recorded in files,
@@ -205,6 +210,10 @@ class StreamSpec:
             "packing": PACKING_DESCRIPTIONS[self.packing],
             "config_hash": hashes if several else hashes[0],
             "tokenizer": tokenizer if isinstance(tokenizer, str) else type(tokenizer).__name__,
+            # a write-through file is continued, and read back on restore, only by the same weights and data
+            "content_digest": hashlib.blake2b(
+                json.dumps(self.content(), sort_keys=True, default=str).encode(), digest_size=16
+            ).hexdigest(),
             "actvpipe_version": __version__,
         }
 

@@ -46,6 +46,10 @@ GPT2_DEFAULTS = {
     "context_length": 1024,
 }
 
+# A row survives 32 turnovers of uniform sampling with probability e^-32: a longer bound bounds nothing,
+# and its publish log (``AgeBound``) would grow with it.
+MAX_AGE_LIMIT = 32
+
 
 def stream(
     model: Any,
@@ -210,7 +214,7 @@ class ActivationStream:
         seconds raises ``GeneratorError`` naming what each was doing (a hung read, a stuck model).
         ``max_age`` bounds a row's stay: a row published ``max_age * size`` rows ago is served in the
         next batch, mixed in with uniform draws (None: no bound). A restore then re-runs about
-        ``max_age`` buffers' worth of blocks instead of ~ln(rows per block); 2 is the value README
+        ``max_age`` buffers' worth of blocks instead of ~ln(rows per block); 1.5 is the value README
         measures (README, "Restore cost").
         """
         check_positive_int("size", size)
@@ -231,10 +235,13 @@ class ActivationStream:
         ):
             raise ValueError(f"progress_timeout: expected seconds > 0, got {progress_timeout!r}")
         if max_age is not None and (
-            isinstance(max_age, bool) or not isinstance(max_age, int | float) or not max_age > 0
+            isinstance(max_age, bool)
+            or not isinstance(max_age, int | float)
+            or not 0 < max_age <= MAX_AGE_LIMIT
         ):
             raise ValueError(
-                f"max_age: expected buffer turnovers > 0 (say 2), or None for no bound; got {max_age!r}"
+                f"max_age: expected buffer turnovers in (0, {MAX_AGE_LIMIT}] (say 1.5), or None for no "
+                f"bound; got {max_age!r}"
             )
         disk = () if hdf5 is None else (self._disk_source(hdf5, hdf5_fraction),)
         options = self.options

@@ -79,10 +79,10 @@ def test_a_state_without_the_bound_is_refused_by_a_loader_with_it(model_dir, tex
         bounded.load_state_dict(state)
 
 
-@pytest.mark.parametrize("max_age", [0, -1.0, True, "2"])
+@pytest.mark.parametrize("max_age", [0, -1.0, True, "2", float("inf"), float("nan"), 33])
 def test_a_bad_max_age_is_refused_before_any_work(model_dir, texts, max_age):
     stream = actvpipe.stream(model_dir, texts, context_length=CTX)
-    with pytest.raises(ValueError, match="max_age: expected buffer turnovers > 0"):
+    with pytest.raises(ValueError, match=r"max_age: expected buffer turnovers in \(0, 32\]"):
         stream.buffer(SIZE, max_age=max_age)
 
 
@@ -107,3 +107,46 @@ def test_batch_positions_take_every_overdue_slot_and_draw_the_rest_uniformly():
     others = np.setdiff1d(np.arange(n_full), bound.position[few])
     expected = 20_000 * (count - len(few)) / len(others)
     assert np.all(np.abs(hits[others] - expected) < 0.15 * expected)
+
+
+def test_the_bookkeeping_matches_a_brute_force_model_and_a_rebuilt_one():
+    """Pure, randomized: bursts of publications and batch removals over a small buffer. At every
+    batch the overdue set equals a brute-force scan of every live row's publish index, the positions
+    are distinct, and an ``AgeBound`` rebuilt from the live rows alone (what a restore has) finds the
+    same overdue rows and draws the same positions from the same RNG state."""
+    from actvpipe.slots import remove_positions
+
+    size, batch, max_rows = 64, 8, 96
+    rng, draws = np.random.default_rng(1), np.random.default_rng(2)
+    bound, full = AgeBound(size, max_rows), np.zeros(size, dtype=np.int64)
+    free, n_full, published = list(range(size)), 0, 0
+    scratch = np.empty(size, dtype=np.int32)
+    for step in range(3000):
+        burst = int(rng.integers(0, min(len(free), 2 * batch) + 1))
+        slots = np.array([free.pop() for _ in range(burst)], dtype=np.int64)
+        full[n_full : n_full + burst] = slots
+        bound.published(slots, published, n_full)
+        n_full, published = n_full + burst, published + burst
+        if n_full < batch:
+            continue
+        live = full[:n_full]
+        oldest_first = live[np.argsort(bound.published_at[live])]
+        expected = oldest_first[bound.published_at[oldest_first] < published - max_rows][:batch]
+        over, pointer = bound.overdue(published, batch, full, n_full)
+        assert np.array_equal(over, expected), step
+        rebuilt = AgeBound(size, max_rows)
+        rebuilt.restored(live.copy(), bound.published_at[live], 0)
+        assert np.array_equal(rebuilt.overdue(published, batch, full, n_full)[0], over), step
+        state = draws.bit_generator.state
+        positions = bound.positions(draws, n_full, over, batch, scratch)
+        again = np.random.default_rng()
+        again.bit_generator.state = state
+        assert np.array_equal(rebuilt.positions(again, n_full, over, batch, scratch), positions), step
+        assert len(np.unique(positions)) == batch and set(bound.position[over]) <= set(positions.tolist())
+        taken = full[positions].copy()
+        remove_positions(full, n_full, positions)
+        n_full -= batch
+        bound.removed(positions, full, n_full)
+        bound.oldest = pointer
+        free.extend(taken.tolist())
+        assert np.array_equal(bound.position[full[:n_full]], np.arange(n_full)), step

@@ -393,6 +393,7 @@ with stream.buffer(200).batch(10) as loader:
 deadline = time.monotonic() + 120
 while not os.path.exists(ready_marker(forkserver_pid())) and time.monotonic() < deadline:
     time.sleep(0.1)
+assert os.path.exists(ready_marker(forkserver_pid())), "the fork server never finished its preload"
 with open(f"/proc/{forkserver_pid()}/maps") as f:
     maps = f.read()
 print("transformers" in sys.modules, "tokenizers" in maps)

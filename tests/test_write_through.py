@@ -185,7 +185,6 @@ def test_a_killed_run_restored_from_its_state_continues_the_file(stream, referen
 WRITER = """
 import sys, numpy as np, torch
 from actvpipe.hdf5_writer import Hdf5RowWriter
-from actvpipe.loader_state import LoaderState
 from actvpipe.records import RowBlock
 path, seed = sys.argv[1], int(sys.argv[2])
 writer = (Hdf5RowWriter(path, (2, 3, 8), torch.float32, {"layers": [0, 1, 2], "d_model": 8}, durable=True)
@@ -254,6 +253,29 @@ def test_bad_write_targets_fail_before_any_work(stream, reference, model_dir, do
     assert target == str(tmp_path / "a-1.h5")
     with pytest.raises(TypeError, match="write_hdf5: this stream already reads HDF5 files"):
         actvpipe.from_hdf5(reference).buffer(1000, write_hdf5=tmp_path / "b.h5")
+
+
+def test_a_file_of_other_weights_or_data_is_never_continued_nor_read_back(model_dir, docs, tmp_path):
+    """The file records the content digest of the weights, tokenizer and data that made its rows:
+    after the weights at the same path change, or the documents do, a stream with the same options
+    refuses to continue it (so a restore never reads back rows another model computed). Before the
+    digest only options were compared, and both streams accepted the file."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    path = tmp_path / "rows.h5"
+    actvpipe.stream(model, docs[:3], context_length=CTX).to_hdf5(path, progress=False)
+    other_docs = actvpipe.stream(model, [*docs[:2], docs[2] + " changed"], context_length=CTX)
+    changed = AutoModelForCausalLM.from_pretrained(model)
+    with torch.no_grad():
+        next(changed.parameters()).add_(1.0)
+    changed.save_pretrained(model)
+    other_weights = actvpipe.stream(model, docs[:3], context_length=CTX)
+    for other in (other_docs, other_weights):
+        with pytest.raises(ValueError, match=r"another stream \(content_digest: file '[0-9a-f]{32}', stream"):
+            other.buffer(1000, write_hdf5=path)
 
 
 def test_demo_streams_and_caches_then_completes_the_file(tmp_path):
@@ -370,6 +392,7 @@ def test_rows_the_cache_lacks_are_recomputed_from_their_blocks(tmp_path):
     assert np.array_equal(cached.meta["token_ids"], [105, 106, 129, 131])
     assert np.array_equal(cached.meta["block_seq"], [0, 0, 6, 6])
     assert np.array_equal(cached.meta["block_record"], [0, 0, 60, 60])
+    writer.finish()
     node = CachedThenComputed(cached, _Empty())
     node.reset()
     block = next(node)
