@@ -23,6 +23,8 @@ CAPTURE_POINTS: dict[str, str] = {
     "attn_out": "output of the attention sublayer as added to the residual stream (after the "
     "post-attention norm where the architecture has one)",
     "resid_mid": "input of the layer norm feeding the MLP (the block input with parallel residual)",
+    "mlp_in_normalized": "resid_mid normalised by that layer norm before its weight and bias "
+    "(TransformerLens' ln2.hook_normalized)",
     "mlp_in": "input of the MLP module, after that layer norm",
     "mlp_out": "output of the MLP module",
     "resid_post": "output of the transformer block",
@@ -58,8 +60,8 @@ def check_capture(capture: Sequence[str]) -> tuple[str, ...]:
     bad = [c for c in capture if c not in CAPTURE_POINTS]
     if not capture or bad or len(set(capture)) != len(capture):
         raise ValueError(
-            f"capture: expected one or more distinct points of {list(CAPTURE_POINTS)}, got {capture!r}; "
-            f"the default is {DEFAULT_CAPTURE}"
+            f"capture: expected one or more distinct points of {list(CAPTURE_POINTS)} (or TransformerLens "
+            f"hook names: README, 'Hook names'), got {capture!r}; the default is {DEFAULT_CAPTURE}"
         )
     return capture
 
@@ -157,11 +159,15 @@ class ActivationCapture:
         for j, layer in enumerate(self.layers):
             norm, mlp, *attn = (find_module(model, t, layer) for t in templates)
             block = find_module(model, templates[1].rsplit(".", 1)[0], layer)
-            inputs = {"resid_pre": block, "resid_mid": norm, "mlp_in": mlp}
+            inputs = {"resid_pre": block, "resid_mid": norm, "mlp_in_normalized": norm, "mlp_in": mlp}
             outputs = {"mlp_out": mlp, "resid_post": block, "attn_out": attn[0] if attn else None}
-            for point_index, point in enumerate(self.capture):
+            # Registered in forward order: two points on one module (resid_mid, mlp_in_normalized) run
+            # their hooks in that order, so the stop comes after both.
+            for point_index, point in sorted(enumerate(self.capture), key=lambda p: order.index(p[1])):
                 stop = j == len(self.layers) - 1 and point == last_point
                 save = self._saver(point_index, j, stop)
+                if point == "mlp_in_normalized":
+                    save = _normalizing(norm, save)
                 if point in inputs:
                     hook = inputs[point].register_forward_pre_hook(_input_hook(save), with_kwargs=True)
                 else:
@@ -242,6 +248,20 @@ class MultiModelCapture:
     def remove(self) -> None:
         for capture in self.captures:
             capture.remove()
+
+
+def _normalizing(norm: nn.Module, save: Callable[[torch.Tensor], None]) -> Callable[[torch.Tensor], None]:
+    """``save`` of what ``norm`` computes before its weight and bias: a LayerNorm centres and scales,
+    an RMSNorm scales (in float32, as the Hugging Face RMSNorms do)."""
+    eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+    if isinstance(norm, nn.LayerNorm) and eps is not None:
+        return lambda x: save(nn.functional.layer_norm(x, x.shape[-1:], eps=eps))
+    if "RMSNorm" in type(norm).__name__ and eps is not None:
+        return lambda x: save(x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps))
+    raise ValueError(
+        f"capture: mlp_in_normalized needs the norm feeding the MLP to be a LayerNorm or an RMSNorm with "
+        f"an eps; this model's is a {type(norm).__name__}. Capture resid_mid and normalise it yourself"
+    )
 
 
 def _input_hook(save: Callable[[torch.Tensor], None]):

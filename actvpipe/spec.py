@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from actvpipe.capture import describe_capture
+from actvpipe.capture import capture_points, describe_capture
 from actvpipe.documents import DatasetSource
 from actvpipe.fingerprint import files_digest
 from actvpipe.hdf5 import Hdf5File, Hdf5Rows, decodable
@@ -252,6 +252,10 @@ class Hdf5Spec:
     @property
     def layers(self) -> tuple[int, ...]:
         return tuple(self.files[0].attrs["layers"])
+
+    @property
+    def capture(self) -> tuple[str, ...]:
+        return tuple(capture_points(self.files[0].attrs["capture"]))
 
     @property
     def from_disk(self) -> bool:

@@ -31,6 +31,7 @@ from actvpipe.demo import DEMO_CONTEXT, corpus_path, demo_model_dir
 from actvpipe.device_copy import batch_device
 from actvpipe.documents import resolve_dataset
 from actvpipe.hdf5 import FORMAT, check_matching, dtype_name, expand_paths, open_cache_file
+from actvpipe.hook_names import check_hook_names, resolve_hook_names
 from actvpipe.loader import ActivationLoader
 from actvpipe.local_pass import compute_stats, write_cache
 from actvpipe.models import check_capture_modules, common_dims, resolve_models
@@ -75,8 +76,10 @@ def stream(
     deterministic: bool = False,
 ) -> ActivationStream:
     """Describe a stream of ``model``'s activations over ``dataset``: rows ``[k, n_layers, d_model]``
-    of the ``capture`` points (default MLP in and out, k = 2). A list of models (same tokenizer and
-    width) gives rows ``[n_models, k, n_layers, d_model]``: every model at the same token.
+    of the ``capture`` points (default MLP in and out, k = 2), named as ours or as TransformerLens hook
+    names (``"hook_mlp_out"`` with ``layers=``, or ``"blocks.3.hook_mlp_out"``; README, "Hook names").
+    A list of models (same tokenizer and width) gives rows ``[n_models, k, n_layers, d_model]``:
+    every model at the same token.
 
     Everything is checked here, before any process starts: the model's config and tokenizer load,
     the dataset exists and has ``text_column``, and the shapes fit the model. ``dtype`` is the
@@ -93,6 +96,8 @@ def stream(
     device = resolve_device(device)
     check_deterministic_device(deterministic, device)
     watermarks = check_watermarks(watermarks)
+    capture_names = capture
+    capture, layers = resolve_hook_names(capture, layers)
     capture = check_capture(capture)
     source, configs = resolve_models(model, tokenizer)
     sources = source if isinstance(source, tuple) else (source,)
@@ -110,6 +115,7 @@ def stream(
         raise ValueError(f"packing: expected one of {PACKINGS}, got {packing!r}")
     exclude_tokens = check_token_ids(exclude_tokens, configs[0])
     rank, world_size = resolve_rank(rank, world_size)
+    check_hook_names(capture_names, [config.model_type for config in configs])
     for each, config in zip(sources, configs, strict=True):
         check_capture_modules(each, config, layers, capture, modules)
     dataset_source = resolve_dataset(dataset, text_column)

@@ -3,6 +3,8 @@ independent forward-hook computation; each capture point checked against its def
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -146,6 +148,27 @@ def test_capture_points_match_their_definitions(arch, arch_dirs, contexts):
         for i in range(2):
             normed = getattr(layers[i], norm_name)(got["resid_mid"][:, :, i])
             torch.testing.assert_close(got["mlp_in"][:, :, i], normed, rtol=1e-4, atol=1e-5)
+    # mlp_in_normalized is that norm with an identity weight and no bias (Gemma scales by 1 + weight),
+    # checked on a copy of the model whose norms have non-trivial weights (tiny models start at identity).
+    torch.manual_seed(1)
+    perturbed = copy.deepcopy(model)
+    blocks = perturbed.h if arch == "gpt2" else perturbed.layers
+    with torch.no_grad():
+        for block in blocks:
+            for param in getattr(block, norm_name).parameters():
+                param.add_(0.3 * torch.randn_like(param))
+    capture = ActivationCapture(perturbed, [0, 1], 0, ("mlp_in_normalized", "resid_mid", "mlp_in"))
+    rows = capture(contexts).clone().view(len(contexts), CTX, 3, 2, 64)
+    capture.remove()
+    with torch.no_grad():
+        for i in range(2):
+            plain = copy.deepcopy(getattr(blocks[i], norm_name))
+            plain.weight.fill_(0.0 if arch.startswith("gemma") else 1.0)
+            if getattr(plain, "bias", None) is not None:
+                plain.bias.zero_()
+            expected = plain(rows[:, :, 1, i])
+            torch.testing.assert_close(rows[:, :, 0, i], expected, rtol=1e-4, atol=1e-5)
+            assert not torch.allclose(expected, rows[:, :, 2, i], atol=1e-2), "the norm's weights matter"
     if arch == "gpt_neox":  # parallel residual: the MLP's norm reads the block input, both add up
         torch.testing.assert_close(got["resid_mid"], got["resid_pre"])
         summed = got["resid_pre"] + got["attn_out"] + got["mlp_out"]

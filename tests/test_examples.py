@@ -45,3 +45,22 @@ def test_training_example_checkpoints_and_resumes(script, trained, tmp_path):
     losses = [float(x) for x in re.findall(r"loss ([0-9.]+)", first + second)]
     assert all(0 < x < 1e3 for x in losses)
     assert LoaderState.from_dict(torch.load(ckpt, weights_only=False)["loader"]).buffer.batches == 9
+
+
+def test_sparsify_example_trains_and_resumes_to_the_uninterrupted_coder(tmp_path):
+    """sparsify's ``SparseCoder`` trained by the example: the FVU falls, and a run stopped at a
+    checkpoint and resumed ends with the coder (weights and all) of a run that never stopped."""
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    out = run("train_sparsify.py", "--steps", "40", "--every", "5", "--checkpoint", str(whole), env=env)
+    fvu = [float(x) for x in re.findall(r"fvu ([0-9.]+)", out)]
+    assert len(fvu) == 8 and fvu[-1] < fvu[0]
+    run("train_sparsify.py", "--steps", "20", "--every", "10", "--checkpoint", str(split), env=env)
+    second = run(
+        "train_sparsify.py", "--steps", "40", "--every", "10", "--checkpoint", str(split), "--resume", env=env
+    )
+    assert "resumed at step 20" in second
+    ours, theirs = load_file(split / "sae.safetensors"), load_file(whole / "sae.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
