@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20
 
 
-def test_one_minute_soak_stays_flat():
+def test_half_minute_soak_stays_flat():
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.soak", "--minutes", "1", "--every", "5"],
+        [sys.executable, "-m", "benchmarks.soak", "--minutes", "0.5", "--every", "4"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -26,9 +26,9 @@ def test_one_minute_soak_stays_flat():
     )
     assert run.returncode == 0, run.stdout + run.stderr
     lines = run.stdout.splitlines()
-    assert len([line for line in lines if "PSS" in line]) >= 5, "sampled over the whole minute"
+    assert len([line for line in lines if "PSS" in line]) >= 5, "sampled over the whole half minute"
     summary = re.fullmatch(r"after \d+ s, (\d+) passes, [\d,]+ rows: flat", lines[-1])
-    assert summary and int(summary.group(1)) >= 3, lines[-1]
+    assert summary and int(summary.group(1)) >= 2, lines[-1]
 
 
 def test_soak_verdict_names_what_grew():
