@@ -35,16 +35,21 @@ def _split(name: str) -> tuple[str, int | None]:
     """(our capture point, the layer a full name gives or None)."""
     if not isinstance(name, str):
         raise TypeError(f"capture: expected point or hook names (strings), got {name!r}")
-    match = _FULL_NAME.fullmatch(name)
-    short = match.group(2) if match else name
+    short, layer = _parse(name)
     if short in HOOK_POINTS:
         short = HOOK_POINTS[short]
-    elif short.startswith("blocks.") or (match and short not in HOOK_POINTS.values()):
+    elif short.startswith("blocks.") or (layer is not None and short not in HOOK_POINTS.values()):
         raise ValueError(
             f"capture: {name!r} is no hook name actvpipe captures; TransformerLens names it maps: "
             f"{sorted(HOOK_POINTS)} (as 'blocks.{{layer}}.<name>' or with layers=)"
         )
-    return short, None if match is None else int(match.group(1))
+    return short, layer
+
+
+def _parse(name: str) -> tuple[str, int | None]:
+    """(the name within a block, the layer a full name ``blocks.{layer}.…`` gives or None)."""
+    match = _FULL_NAME.fullmatch(name)
+    return (match.group(2), int(match.group(1))) if match else (name, None)
 
 
 # (TransformerLens name, model_type) where TL's point is not ours: Gemma 2/3's TL hook_mlp_out is after
@@ -56,8 +61,7 @@ def check_hook_names(capture: str | Sequence[str], model_types: Sequence[str]) -
     """Refuse a TransformerLens name whose TL point is not the point we capture on this architecture."""
     names = (capture,) if isinstance(capture, str) else tuple(capture)
     for name in names:
-        match = _FULL_NAME.fullmatch(name)
-        short = match.group(2) if match else name
+        short, _ = _parse(name)
         for model_type in model_types:
             if (short, model_type) in DIFFERENT_POINTS:
                 raise ValueError(
